@@ -1,0 +1,155 @@
+//! A fault-injecting wrapper around any [`ObjectStore`], for crash and retry tests.
+//!
+//! Faults apply to every operation (optionally only to some, by name: `put`, `get`, `head`,
+//! `list`, `delete`):
+//! * [`FaultyStore::fail_next`]: the next N calls fail with a transient error *before* reaching
+//!   the inner store (nothing happens);
+//! * [`FaultyStore::fail_next_after`]: the next N calls reach the inner store and then report a
+//!   timeout: the write happened but the caller cannot know (an indeterminate outcome);
+//! * [`FaultyStore::fail_with_probability`]: each call fails with probability p;
+//! * [`FaultyStore::hang`]: calls block until the hang is lifted (or the caller gives up).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use super::{ByteStream, ObjectMeta, ObjectStore, PutMode, StorageError};
+
+#[derive(Default, Debug)]
+struct Faults {
+    fail_before: u32,
+    fail_after: u32,
+    probability: f64,
+    only_ops: Option<HashSet<&'static str>>,
+}
+
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Mutex<Faults>,
+    hang: tokio::sync::watch::Sender<bool>,
+    injected: AtomicU64,
+}
+
+enum Injection {
+    None,
+    Before(StorageError),
+    After,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        FaultyStore { inner, faults: Mutex::default(), hang: tokio::sync::watch::channel(false).0, injected: AtomicU64::new(0) }
+    }
+    pub fn fail_next(&self, n: u32) {
+        self.faults.lock().unwrap().fail_before = n;
+    }
+    pub fn fail_next_after(&self, n: u32) {
+        self.faults.lock().unwrap().fail_after = n;
+    }
+    pub fn fail_with_probability(&self, p: f64) {
+        self.faults.lock().unwrap().probability = p.clamp(0.0, 1.0);
+    }
+    /// Restrict faults to these operations (`None`: all).
+    pub fn only_ops(&self, ops: Option<&[&'static str]>) {
+        self.faults.lock().unwrap().only_ops = ops.map(|o| o.iter().copied().collect());
+    }
+    pub fn hang(&self, on: bool) {
+        self.hang.send_replace(on);
+    }
+    pub fn clear(&self) {
+        *self.faults.lock().unwrap() = Faults::default();
+        self.hang(false);
+    }
+    /// How many faults have been injected so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    async fn enter(&self, op: &'static str, key: &str) -> Injection {
+        let mut rx = self.hang.subscribe();
+        while *rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        let mut f = self.faults.lock().unwrap();
+        if f.only_ops.as_ref().is_some_and(|o| !o.contains(op)) {
+            return Injection::None;
+        }
+        let inj = if f.fail_before > 0 {
+            f.fail_before -= 1;
+            Injection::Before(StorageError::transient(op, key, "injected fault"))
+        } else if f.fail_after > 0 {
+            f.fail_after -= 1;
+            Injection::After
+        } else if f.probability > 0.0 && rand::random::<f64>() < f.probability {
+            Injection::Before(StorageError::transient(op, key, "injected fault (random)"))
+        } else {
+            Injection::None
+        };
+        if !matches!(inj, Injection::None) {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        inj
+    }
+
+    async fn wrap<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        call: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        match self.enter(op, key).await {
+            Injection::Before(e) => Err(e),
+            Injection::None => call.await,
+            Injection::After => {
+                call.await?;
+                Err(StorageError::Timeout { op, key: key.to_string() })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
+        self.wrap("put", key, self.inner.put(key, data, mode)).await
+    }
+    async fn put_stream(&self, key: &str, data: ByteStream, mode: PutMode) -> Result<u64, StorageError> {
+        self.wrap("put", key, self.inner.put_stream(key, data, mode)).await
+    }
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+        self.wrap("get", key, self.inner.get_stream(key)).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
+        self.wrap("get", key, self.inner.get_range(key, range)).await
+    }
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
+        self.wrap("head", key, self.inner.head(key)).await
+    }
+    fn list(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StorageError>> {
+        let prefix = prefix.to_string();
+        futures::stream::once(async move {
+            match self.enter("list", &prefix).await {
+                Injection::Before(e) => futures::stream::once(async { Err(e) }).boxed(),
+                _ => self.inner.list(&prefix),
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let first = keys.first().cloned().unwrap_or_default();
+        self.wrap("delete", &first, self.inner.delete(keys)).await
+    }
+}

@@ -1,0 +1,288 @@
+//! The embedded default: a repository in a local directory (`file:///path`).
+//!
+//! Key `a/b/c` is the file `ROOT/a/b/c`. A put writes `ROOT/.tmp/<random>`, fsyncs it, then
+//! publishes it under its key and fsyncs the key's directory, so a crash leaves either the whole
+//! object or none (and at worst a stray file in `ROOT/.tmp`, which is never listed).
+//!
+//! * [`PutMode::IfAbsent`] publishes with `link(2)`, which fails with `EEXIST` atomically when
+//!   the name exists: two writers racing for one key cannot both win, and neither can clobber.
+//! * [`PutMode::Overwrite`] publishes with `rename(2)`, atomic replacement.
+//!
+//! A full disk (`ENOSPC`) or a read-only/permission error is permanent and says so with a hint;
+//! the partial temp file is removed, and nothing already in the repository is touched.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use super::{validate_key, ByteStream, ObjectMeta, ObjectStore, PutMode, StorageError};
+
+const TMP_DIR: &str = ".tmp";
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// Open (creating if needed) a repository directory.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
+        fs::create_dir_all(root.join(TMP_DIR)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create archive directory {}: {e}\nHINT: check that the path is writable by this user",
+                root.display()
+            )
+        })?;
+        Ok(LocalStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StorageError> {
+        validate_key(op, key)?;
+        if key == TMP_DIR || key.starts_with(".tmp/") {
+            return Err(StorageError::permanent(op, key, "key reserved for temporary files"));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+/// Map an I/O error to the storage error a caller branches on.
+fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Some("the archive's file system is full: free space or move the archive"),
+        Some(libc::EACCES) | Some(libc::EPERM) => Some("the archive directory is not writable by this user"),
+        Some(libc::EROFS) => Some("the archive's file system is mounted read-only"),
+        _ => None,
+    };
+    match (e.kind(), hint) {
+        (io::ErrorKind::NotFound, _) => StorageError::NotFound { op, key: key.to_string() },
+        (_, Some(h)) => StorageError::Permanent { op, key: key.to_string(), message: e.to_string(), hint: Some(h.into()) },
+        _ => StorageError::transient(op, key, e),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Publish a complete, fsynced temp file under `dest`.
+fn publish(tmp: &Path, dest: &Path, mode: PutMode) -> io::Result<()> {
+    let parent = dest.parent().expect("key paths have a parent");
+    fs::create_dir_all(parent)?;
+    match mode {
+        PutMode::Overwrite => fs::rename(tmp, dest)?,
+        PutMode::IfAbsent => {
+            let linked = fs::hard_link(tmp, dest);
+            let _ = fs::remove_file(tmp);
+            linked?;
+        }
+    }
+    fsync_dir(parent)
+}
+
+fn temp_path(root: &Path) -> PathBuf {
+    root.join(TMP_DIR).join(format!("{:016x}{:08x}", rand::random::<u64>(), std::process::id()))
+}
+
+/// Remove the temp file if the guarded operation did not publish it.
+struct TempGuard(PathBuf);
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn put_blocking(root: &Path, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
+    let tmp = temp_path(root);
+    let _guard = TempGuard(tmp.clone());
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    publish(&tmp, dest, mode)
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
+        let dest = self.path("put", key)?;
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || put_blocking(&root, &dest, &data, mode))
+            .await
+            .map_err(|e| StorageError::transient("put", key, e))?
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => StorageError::AlreadyExists { op: "put", key: key.to_string() },
+                _ => io_err("put", key, e),
+            })
+    }
+
+    async fn put_stream(&self, key: &str, mut data: ByteStream, mode: PutMode) -> Result<u64, StorageError> {
+        let dest = self.path("put", key)?;
+        let tmp = temp_path(&self.root);
+        let guard = TempGuard(tmp.clone());
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .map_err(|e| io_err("put", key, e))?;
+        let mut n = 0u64;
+        while let Some(chunk) = data.try_next().await? {
+            tokio::io::AsyncWriteExt::write_all(&mut f, &chunk).await.map_err(|e| io_err("put", key, e))?;
+            n += chunk.len() as u64;
+        }
+        f.sync_all().await.map_err(|e| io_err("put", key, e))?;
+        drop(f);
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let r = publish(&tmp, &dest, mode);
+            drop(guard);
+            r
+        })
+        .await
+        .map_err(|e| StorageError::transient("put", &k, e))?
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => StorageError::AlreadyExists { op: "put", key: k.clone() },
+            _ => io_err("put", &k, e),
+        })?;
+        Ok(n)
+    }
+
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+        let path = self.path("get", key)?;
+        let f = tokio::fs::File::open(&path).await.map_err(|e| io_err("get", key, e))?;
+        let k = key.to_string();
+        Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)
+            .map_err(move |e| io_err("get", &k, e))
+            .boxed())
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
+        let path = self.path("get", key)?;
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let mut f = File::open(&path)?;
+            let size = f.metadata()?.len();
+            let end = range.end.min(size);
+            let start = range.start.min(end);
+            f.seek(SeekFrom::Start(start))?;
+            let mut buf = vec![0u8; (end - start) as usize];
+            f.read_exact(&mut buf)?;
+            Ok(buf.into())
+        })
+        .await
+        .map_err(|e| StorageError::transient("get", &k, e))?
+        .map_err(|e| io_err("get", &k, e))
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
+        let path = self.path("head", key)?;
+        let md = tokio::fs::metadata(&path).await.map_err(|e| io_err("head", key, e))?;
+        if !md.is_file() {
+            return Err(StorageError::NotFound { op: "head", key: key.to_string() });
+        }
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: md.len(),
+            last_modified: md.modified().ok().map(chrono::DateTime::from),
+        })
+    }
+
+    fn list(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StorageError>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        futures::stream::once(async move {
+            let p = prefix.clone();
+            tokio::task::spawn_blocking(move || list_blocking(&root, &p))
+                .await
+                .map_err(|e| StorageError::transient("list", &prefix, e))?
+                .map_err(|e| io_err("list", &prefix, e))
+        })
+        .map_ok(|v| futures::stream::iter(v.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let mut paths = Vec::with_capacity(keys.len());
+        for k in keys {
+            paths.push((k.clone(), self.path("delete", k)?));
+        }
+        tokio::task::spawn_blocking(move || {
+            let mut dirs = std::collections::BTreeSet::new();
+            for (k, p) in paths {
+                match fs::remove_file(&p) {
+                    Ok(()) => {
+                        dirs.insert(p.parent().map(Path::to_path_buf));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("delete", &k, e)),
+                }
+            }
+            for d in dirs.into_iter().flatten() {
+                let _ = fsync_dir(&d);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::transient("delete", "", e))?
+    }
+}
+
+/// Every file under `root` whose key starts with `prefix`, sorted by key bytes (as S3 lists).
+fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
+    // Start the walk at the deepest directory the prefix names in full.
+    let start_rel = match prefix.rfind('/') {
+        Some(i) => &prefix[..i],
+        None => "",
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(root.join(start_rel), start_rel.to_string())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+            Err(e) => return Err(e),
+        };
+        for ent in rd {
+            let ent = ent?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if rel.is_empty() && name == TMP_DIR {
+                continue;
+            }
+            let key = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let ft = ent.file_type()?;
+            if ft.is_dir() {
+                // Only descend where keys under it could match the prefix.
+                let as_dir = format!("{key}/");
+                if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                    stack.push((ent.path(), key));
+                }
+            } else if ft.is_file() && key.starts_with(prefix) {
+                let md = match ent.metadata() {
+                    Ok(md) => md,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
+                    Err(e) => return Err(e),
+                };
+                out.push(ObjectMeta { key, size: md.len(), last_modified: md.modified().ok().map(chrono::DateTime::from) });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
