@@ -17,7 +17,8 @@
 //!   A put either leaves the whole new object or (on error) nothing new: never a torn object.
 //!   A put that fails with [`StorageError::Timeout`] is *indeterminate*: the object may or may
 //!   not exist; write-once callers re-read it and compare checksums before retrying.
-//! * Listings are in ascending byte order of the key, produced page by page as a stream.
+//! * Listings are produced page by page as a stream, in no promised order: AWS S3 lists in key
+//!   byte order, SeaweedFS directory by directory. Callers that need an order sort.
 //! * Deleting a key that does not exist is not an error.
 //! * Every error names the operation and the key ([`StorageError`]); callers branch on the
 //!   variant and on [`StorageError::is_permanent`].
@@ -104,10 +105,10 @@ impl StorageError {
             | StorageError::Permanent { key, .. } => key,
         }
     }
-    pub(crate) fn permanent(op: &'static str, key: &str, message: impl fmt::Display) -> Self {
+    pub fn permanent(op: &'static str, key: &str, message: impl fmt::Display) -> Self {
         StorageError::Permanent { op, key: key.to_string(), message: message.to_string(), hint: None }
     }
-    pub(crate) fn transient(op: &'static str, key: &str, message: impl fmt::Display) -> Self {
+    pub fn transient(op: &'static str, key: &str, message: impl fmt::Display) -> Self {
         StorageError::Transient { op, key: key.to_string(), message: message.to_string() }
     }
 }
@@ -136,7 +137,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError>;
 
-    /// Objects whose key starts with `prefix`, in ascending key order, fetched page by page.
+    /// Objects whose key starts with `prefix`, fetched page by page, in no promised order.
     fn list(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StorageError>>;
 
     /// Delete `keys` (batched); keys that do not exist are skipped silently.
@@ -244,6 +245,7 @@ pub(crate) fn rechunk(data: ByteStream, size: usize) -> BoxStream<'static, Resul
             }
         }
     })
+    .fuse()
     .boxed()
 }
 

@@ -54,6 +54,21 @@ pub struct S3Options {
     pub list_page_size: i32,
     pub max_attempts: u32,
     pub attempt_timeout: Duration,
+    /// Explicit keys instead of the AWS chain (config files; tests). Never printed.
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair given explicitly. `Debug` hides the secret.
+#[derive(Clone)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredentials").field("access_key_id", &self.access_key_id).field("secret_access_key", &"<redacted>").finish()
+    }
 }
 
 impl Default for S3Options {
@@ -67,6 +82,7 @@ impl Default for S3Options {
             list_page_size: 1000,
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(60),
+            credentials: None,
         }
     }
 }
@@ -117,6 +133,15 @@ impl S3Store {
         }
         if let Some(ep) = &opts.endpoint {
             b = b.endpoint_url(ep);
+        }
+        if let Some(c) = &opts.credentials {
+            b = b.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &c.access_key_id,
+                &c.secret_access_key,
+                None,
+                None,
+                "walvault-config",
+            ));
         }
         Ok(S3Store {
             client: Client::from_conf(b.build()),

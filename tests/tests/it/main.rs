@@ -1,0 +1,5 @@
+//! walvault's integration tests: one test binary, one module per topic (ripgrep's layout).
+//! Every test runs against real services started by the harness (`walvault-tests`).
+
+mod harness;
+mod storage_conformance;
