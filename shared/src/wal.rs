@@ -22,9 +22,9 @@
 //! from 1 at `0/3000000`:
 //!
 //! ```text
-//! 1	0/3000000	no recovery target specified
+//! 1<TAB>0/3000000<TAB>no recovery target specified
 //!
-//! 2	0/5000060	no recovery target specified
+//! 2<TAB>0/5000060<TAB>no recovery target specified
 //! ```
 
 use std::fmt;
@@ -187,11 +187,9 @@ impl TimelineHistory {
                 continue;
             }
             let err = |m: &str| HistoryParseError { line: i + 1, message: m.to_string() };
-            let mut parts = line.splitn(3, |c: char| c == '\t' || c == ' ');
-            let tli = parts
-                .next()
-                .and_then(|s| s.parse::<u32>().ok())
-                .ok_or_else(|| err("expected a timeline number"))?;
+            let mut parts = line.splitn(3, ['\t', ' ']);
+            let tli =
+                parts.next().and_then(|s| s.parse::<u32>().ok()).ok_or_else(|| err("expected a timeline number"))?;
             let lsn = parts
                 .next()
                 .and_then(|s| s.trim().parse::<Lsn>().ok())

@@ -11,8 +11,6 @@ use anyhow::{Context, Result};
 pub mod pg;
 pub mod s3server;
 
-
-
 /// Where test clusters and servers live: `WALVAULT_TEST_DIR` or `/tmp/walvault-tests`. It must
 /// be traversable by the PostgreSQL user, so never under /root.
 pub fn test_root() -> Result<PathBuf> {
@@ -38,7 +36,8 @@ pub fn free_port() -> Result<u16> {
 
 /// Log to the test's output (captured by the runner), once per process.
 pub fn init_logging() {
-    let _ = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
 }

@@ -68,7 +68,16 @@ pub fn pg_user() -> Result<Option<PgUser>> {
         return Ok(Some(u));
     }
     let out = Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", &name])
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            &name,
+        ])
         .output()
         .context("run useradd")?;
     // Another test process may have created it meanwhile (exit 9: already exists).
@@ -105,7 +114,8 @@ fn run_checked(mut c: Command, what: &str) -> Result<Output> {
 /// Give a path to the PostgreSQL user (when running as root).
 pub fn chown_to_pg(path: &Path) -> Result<()> {
     if let Some(u) = pg_user()? {
-        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).with_context(|| format!("chown {}", path.display()))?;
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+            .with_context(|| format!("chown {}", path.display()))?;
     }
     Ok(())
 }
@@ -179,7 +189,8 @@ impl PgCluster {
             conf.push('\n');
         }
         let conf_path = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).with_context(|| format!("read {}", conf_path.display()))?;
+        let mut existing =
+            std::fs::read_to_string(&conf_path).with_context(|| format!("read {}", conf_path.display()))?;
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing)?;
         Ok(PgCluster { name: name.to_string(), dir, data, socket_dir, port, log })
@@ -211,7 +222,10 @@ impl PgCluster {
         let log = self.log.to_string_lossy().to_string();
         self.pg_ctl(&["-l", &log, "-w", "-t", "120", "start"]).map_err(|e| {
             let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
-            e.context(format!("PostgreSQL log:\n{}", tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")))
+            e.context(format!(
+                "PostgreSQL log:\n{}",
+                tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            ))
         })?;
         Ok(())
     }
@@ -228,7 +242,8 @@ impl PgCluster {
 
     /// The postmaster's PID, from `postmaster.pid`.
     pub fn postmaster_pid(&self) -> Result<i32> {
-        let s = std::fs::read_to_string(self.data.join("postmaster.pid")).context("read postmaster.pid (is the server running?)")?;
+        let s = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .context("read postmaster.pid (is the server running?)")?;
         s.lines().next().and_then(|l| l.trim().parse().ok()).context("parse postmaster.pid")
     }
 

@@ -89,10 +89,20 @@ impl S3Server {
             "-volume.max=50".into(),
             "-volume.preStopSeconds=0".into(),
         ];
-        for flag in ["s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "metricsPort"] {
+        for flag in [
+            "s3.port.grpc",
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "metricsPort",
+        ] {
             args.push(format!("-{flag}={}", free_port()?));
         }
-        let mut s = S3Server { endpoint: format!("http://127.0.0.1:{s3_port}"), child: None, dir: Some(dir), start_args: args };
+        let mut s =
+            S3Server { endpoint: format!("http://127.0.0.1:{s3_port}"), child: None, dir: Some(dir), start_args: args };
         s.spawn().await?;
         Ok(s)
     }
@@ -118,13 +128,19 @@ impl S3Server {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    let log = self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.join("weed.out")).ok()).unwrap_or_default();
+                    let log = self
+                        .dir
+                        .as_ref()
+                        .and_then(|d| std::fs::read_to_string(d.join("weed.out")).ok())
+                        .unwrap_or_default();
                     bail!("SeaweedFS exited at start ({status}):\n{log}");
                 }
             }
             // The S3 gateway answers an anonymous GET / (403) once it is up; make a bucket to be
             // sure the filer behind it is ready too.
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() && self.try_create_bucket("walvault-ready-probe").await.is_ok() {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok()
+                && self.try_create_bucket("walvault-ready-probe").await.is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {

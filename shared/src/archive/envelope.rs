@@ -113,7 +113,13 @@ pub enum EnvelopeError {
 }
 
 /// Encode `plain` with its metadata. zstd `level` (1 is fast and compresses WAL 5-13x).
-pub fn encode<M: Serialize>(kind: ObjectKind, metadata: &M, plain: &[u8], compression: Compression, level: i32) -> Vec<u8> {
+pub fn encode<M: Serialize>(
+    kind: ObjectKind,
+    metadata: &M,
+    plain: &[u8],
+    compression: Compression,
+    level: i32,
+) -> Vec<u8> {
     let meta = serde_json::to_vec(metadata).expect("metadata serialises");
     let payload = match compression {
         Compression::None => plain.to_vec(),
@@ -123,7 +129,14 @@ pub fn encode<M: Serialize>(kind: ObjectKind, metadata: &M, plain: &[u8], compre
 }
 
 /// Assemble an envelope from already-compressed payload.
-pub fn encode_raw(kind: ObjectKind, meta: &[u8], plain_len: u64, plain_crc: u32, compression: Compression, payload: &[u8]) -> Vec<u8> {
+pub fn encode_raw(
+    kind: ObjectKind,
+    meta: &[u8],
+    plain_len: u64,
+    plain_crc: u32,
+    compression: Compression,
+    payload: &[u8],
+) -> Vec<u8> {
     assert!(meta.len() <= MAX_METADATA_LEN as usize, "metadata too large");
     let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + payload.len());
     out.extend_from_slice(MAGIC);
@@ -152,7 +165,11 @@ pub fn decode_header<'a>(key: &str, bytes: &'a [u8]) -> Result<(Header, &'a [u8]
     let trunc = |what: &str| EnvelopeError::Truncated { key: key.to_string(), what: what.to_string() };
     let corrupt = |what: &str| EnvelopeError::Corrupt { key: key.to_string(), what: what.to_string() };
     if bytes.len() < 4 || &bytes[..4] != MAGIC {
-        return Err(if bytes.len() < 4 && MAGIC.starts_with(bytes) { trunc("no header") } else { EnvelopeError::BadMagic { key: key.to_string() } });
+        return Err(if bytes.len() < 4 && MAGIC.starts_with(bytes) {
+            trunc("no header")
+        } else {
+            EnvelopeError::BadMagic { key: key.to_string() }
+        });
     }
     if bytes.len() < HEADER_LEN {
         return Err(trunc("header shorter than 44 bytes"));

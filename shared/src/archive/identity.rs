@@ -90,7 +90,8 @@ pub async fn ensure(store: &dyn ObjectStore, ours: &Identity) -> anyhow::Result<
     match store.put(names::IDENTITY, obj.into(), PutMode::IfAbsent).await {
         Ok(()) => Ok(ours.clone()),
         Err(StorageError::AlreadyExists { .. }) => {
-            let existing = load(store).await?.ok_or_else(|| anyhow::anyhow!("identity vanished after a write-once conflict"))?;
+            let existing =
+                load(store).await?.ok_or_else(|| anyhow::anyhow!("identity vanished after a write-once conflict"))?;
             existing.check_compatible(ours, &store.url())?;
             Ok(existing)
         }

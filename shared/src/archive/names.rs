@@ -83,7 +83,11 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
         }
         let Some(range) = range else { return Some(ArchiveKey::Segment(seg)) };
         let (s, e) = range.split_once('-')?;
-        let hex = |h: &str| (h.len() == 16 && h.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))).then(|| u64::from_str_radix(h, 16).ok()).flatten();
+        let hex = |h: &str| {
+            (h.len() == 16 && h.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)))
+                .then(|| u64::from_str_radix(h, 16).ok())
+                .flatten()
+        };
         let (start, end) = (Lsn(hex(s)?), Lsn(hex(e)?));
         let seg_start = seg.start_lsn(segment_size);
         let seg_end = seg.segno.end_lsn(segment_size)?;
@@ -159,7 +163,7 @@ mod tests {
     #[test]
     fn chunks_sort_by_position_after_their_segment() {
         let seg = SegmentName::new(TimelineId(1), SegNo(3));
-        let mut keys = vec![
+        let mut keys = [
             chunk(&seg, MB16, Lsn(0x3100000), Lsn(0x3200000)),
             segment(&seg.next(), MB16),
             chunk(&seg, MB16, Lsn(0x3000000), Lsn(0x3100000)),
@@ -174,7 +178,7 @@ mod tests {
     #[test]
     fn rejects_foreign_keys() {
         for k in [
-            "wal/00000002/000000010000000000000003",                                  // wrong dir
+            "wal/00000002/000000010000000000000003", // wrong dir
             "wal/00000001/000000010000000000000003.0000000004000000-0000000004100000", // outside segment
             "wal/00000001/000000010000000000000003.0000000003100000-0000000003000000", // reversed
             "wal/00000001/000000010000000000000003.3000000-30A2000",

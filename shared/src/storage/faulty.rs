@@ -45,7 +45,12 @@ enum Injection {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        FaultyStore { inner, faults: Mutex::default(), hang: tokio::sync::watch::channel(false).0, injected: AtomicU64::new(0) }
+        FaultyStore {
+            inner,
+            faults: Mutex::default(),
+            hang: tokio::sync::watch::channel(false).0,
+            injected: AtomicU64::new(0),
+        }
     }
     pub fn fail_next(&self, n: u32) {
         self.faults.lock().unwrap().fail_before = n;

@@ -59,14 +59,18 @@ impl LocalStore {
 /// Map an I/O error to the storage error a caller branches on.
 fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
     let hint = match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Some("the archive's file system is full: free space or move the archive"),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            Some("the archive's file system is full: free space or move the archive")
+        }
         Some(libc::EACCES) | Some(libc::EPERM) => Some("the archive directory is not writable by this user"),
         Some(libc::EROFS) => Some("the archive's file system is mounted read-only"),
         _ => None,
     };
     match (e.kind(), hint) {
         (io::ErrorKind::NotFound, _) => StorageError::NotFound { op, key: key.to_string() },
-        (_, Some(h)) => StorageError::Permanent { op, key: key.to_string(), message: e.to_string(), hint: Some(h.into()) },
+        (_, Some(h)) => {
+            StorageError::Permanent { op, key: key.to_string(), message: e.to_string(), hint: Some(h.into()) }
+        }
         _ => StorageError::transient(op, key, e),
     }
 }
@@ -166,9 +170,7 @@ impl ObjectStore for LocalStore {
         let path = self.path("get", key)?;
         let f = tokio::fs::File::open(&path).await.map_err(|e| io_err("get", key, e))?;
         let k = key.to_string();
-        Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)
-            .map_err(move |e| io_err("get", &k, e))
-            .boxed())
+        Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map_err(move |e| io_err("get", &k, e)).boxed())
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
@@ -279,7 +281,11 @@ fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
                     Err(e) => return Err(e),
                 };
-                out.push(ObjectMeta { key, size: md.len(), last_modified: md.modified().ok().map(chrono::DateTime::from) });
+                out.push(ObjectMeta {
+                    key,
+                    size: md.len(),
+                    last_modified: md.modified().ok().map(chrono::DateTime::from),
+                });
             }
         }
     }

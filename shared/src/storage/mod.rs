@@ -267,10 +267,7 @@ mod tests {
     fn urls() {
         assert_eq!(RepoUrl::parse("file:///x/y").unwrap(), RepoUrl::Local("/x/y".into()));
         assert_eq!(RepoUrl::parse("rel/dir").unwrap(), RepoUrl::Local("rel/dir".into()));
-        assert_eq!(
-            RepoUrl::parse("s3://b/p/q/").unwrap(),
-            RepoUrl::S3 { bucket: "b".into(), prefix: "p/q".into() }
-        );
+        assert_eq!(RepoUrl::parse("s3://b/p/q/").unwrap(), RepoUrl::S3 { bucket: "b".into(), prefix: "p/q".into() });
         assert_eq!(RepoUrl::parse("s3://b").unwrap(), RepoUrl::S3 { bucket: "b".into(), prefix: "".into() });
         assert!(RepoUrl::parse("file://rel").is_err());
         assert!(RepoUrl::parse("gs://b").is_err());
@@ -279,10 +276,9 @@ mod tests {
 
     #[tokio::test]
     async fn rechunk_sizes() {
-        let input: ByteStream = futures::stream::iter(
-            [3usize, 10, 1, 0, 7].map(|n| Ok::<_, StorageError>(Bytes::from(vec![1u8; n]))),
-        )
-        .boxed();
+        let input: ByteStream =
+            futures::stream::iter([3usize, 10, 1, 0, 7].map(|n| Ok::<_, StorageError>(Bytes::from(vec![1u8; n]))))
+                .boxed();
         let sizes: Vec<usize> = rechunk(input, 4).map_ok(|b| b.len()).try_collect().await.unwrap();
         assert_eq!(sizes, vec![4, 4, 4, 4, 4, 1]);
     }

@@ -67,7 +67,10 @@ pub struct StaticCredentials {
 
 impl std::fmt::Debug for StaticCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StaticCredentials").field("access_key_id", &self.access_key_id).field("secret_access_key", &"<redacted>").finish()
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -236,7 +239,9 @@ impl S3Store {
                     None => break,
                     Some((n, r)) => {
                         let out = r.map_err(|e| self.map_err("put", key, e))?;
-                        parts.push(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build());
+                        parts.push(
+                            CompletedPart::builder().part_number(n).set_e_tag(out.e_tag().map(str::to_string)).build(),
+                        );
                     }
                 }
             }
@@ -255,12 +260,18 @@ impl S3Store {
         }
         .await;
         if result.is_err() {
-            let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(full).upload_id(&upload_id).send().await;
+            let _ =
+                self.client.abort_multipart_upload().bucket(&self.bucket).key(full).upload_id(&upload_id).send().await;
         }
         result
     }
 
-    fn map_err<E>(&self, op: &'static str, key: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StorageError
+    fn map_err<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -269,16 +280,24 @@ impl S3Store {
         match &e {
             SdkError::TimeoutError(_) => StorageError::Timeout { op, key },
             SdkError::DispatchFailure(d) if d.is_timeout() => StorageError::Timeout { op, key },
-            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => StorageError::Transient {
-                op,
-                key,
-                message: format!("cannot reach the S3 endpoint: {detail}"),
-            },
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+                StorageError::Transient { op, key, message: format!("cannot reach the S3 endpoint: {detail}") }
+            }
             SdkError::ServiceError(se) => {
                 let status = se.raw().status().as_u16();
                 let code = se.err().code().unwrap_or("");
-                let message = format!("{} (HTTP {status}{}{})", se.err().message().unwrap_or("S3 error"), if code.is_empty() { "" } else { ", " }, code);
-                let permanent = |hint: &str| StorageError::Permanent { op, key: key.clone(), message: message.clone(), hint: Some(hint.to_string()) };
+                let message = format!(
+                    "{} (HTTP {status}{}{})",
+                    se.err().message().unwrap_or("S3 error"),
+                    if code.is_empty() { "" } else { ", " },
+                    code
+                );
+                let permanent = |hint: &str| StorageError::Permanent {
+                    op,
+                    key: key.clone(),
+                    message: message.clone(),
+                    hint: Some(hint.to_string()),
+                };
                 match (status, code) {
                     (_, "NoSuchBucket") => permanent(&format!("bucket {:?} does not exist at this endpoint; create it or fix the archive URL", self.bucket)),
                     (404, _) | (_, "NoSuchKey") => StorageError::NotFound { op, key },
@@ -332,7 +351,14 @@ impl ObjectStore for S3Store {
 
     async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
         let full = self.full_key("get", key)?;
-        let out = self.client.get_object().bucket(&self.bucket).key(&full).send().await.map_err(|e| self.map_err("get", key, e))?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.map_err("get", key, e))?;
         let k = key.to_string();
         Ok(futures::stream::unfold((out.body, k), |(mut body, k)| async move {
             match body.try_next().await {
@@ -367,22 +393,33 @@ impl ObjectStore for S3Store {
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => return Ok(Bytes::new()),
             Err(e) => return Err(self.map_err("get", key, e)),
         };
-        let data = out.body.collect().await.map_err(|e| StorageError::transient("get", key, format!("reading body: {e}")))?;
+        let data =
+            out.body.collect().await.map_err(|e| StorageError::transient("get", key, format!("reading body: {e}")))?;
         Ok(data.into_bytes())
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
         let full = self.full_key("head", key)?;
-        let out = self.client.head_object().bucket(&self.bucket).key(&full).send().await.map_err(|e| self.map_err("head", key, e))?;
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.map_err("head", key, e))?;
         Ok(ObjectMeta {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
-            last_modified: out.last_modified().and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+            last_modified: out
+                .last_modified()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
         })
     }
 
     fn list(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StorageError>> {
-        let full_prefix = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}/{}", self.prefix, prefix) };
+        let full_prefix =
+            if self.prefix.is_empty() { prefix.to_string() } else { format!("{}/{}", self.prefix, prefix) };
         let prefix = prefix.to_string();
         // State: Some(token) = more pages; the first page has no token.
         futures::stream::unfold(Some(None::<String>), move |state| {
@@ -409,7 +446,9 @@ impl ObjectStore for S3Store {
                                 Some(Ok(ObjectMeta {
                                     key: self.strip(o.key()?),
                                     size: o.size().unwrap_or(0).max(0) as u64,
-                                    last_modified: o.last_modified().and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                                    last_modified: o
+                                        .last_modified()
+                                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
                                 }))
                             })
                             .collect();
@@ -431,10 +470,19 @@ impl ObjectStore for S3Store {
             let mut ids = Vec::with_capacity(batch.len());
             for k in batch {
                 let full = self.full_key("delete", k)?;
-                ids.push(ObjectIdentifier::builder().key(full).build().map_err(|e| StorageError::permanent("delete", k, e))?);
+                ids.push(
+                    ObjectIdentifier::builder()
+                        .key(full)
+                        .build()
+                        .map_err(|e| StorageError::permanent("delete", k, e))?,
+                );
             }
             let first = batch.first().map(String::as_str).unwrap_or("");
-            let del = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StorageError::permanent("delete", first, e))?;
+            let del = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StorageError::permanent("delete", first, e))?;
             let out = self
                 .client
                 .delete_objects()

@@ -45,9 +45,7 @@ async fn cluster_writes_and_switches_wal() {
     assert_eq!(sysid.to_string(), ident);
     assert_eq!(u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as u64, seg_size);
     // pg_waldump, an oracle we did not write, reads the segment.
-    let dump = pg
-        .run_program("pg_waldump", &["--path", pg.data.join("pg_wal").to_str().unwrap(), &finished])
-        .unwrap();
+    let dump = pg.run_program("pg_waldump", &["--path", pg.data.join("pg_wal").to_str().unwrap(), &finished]).unwrap();
     let text = String::from_utf8_lossy(&dump.stdout);
     assert!(text.contains("Heap") && text.contains("COMMIT"), "pg_waldump shows our inserts and commit");
 }

