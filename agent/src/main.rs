@@ -1,1 +1,2 @@
+mod replication;
 fn main() {}

@@ -312,6 +312,20 @@ mod tests {
     }
 
     #[test]
+    fn worked_example_from_the_docs() {
+        let content = b"1\t0/3000000\tno recovery target specified\n";
+        let obj = encode(ObjectKind::History, &serde_json::json!({}), content, Compression::None, 0);
+        assert_eq!(obj.len(), 87);
+        assert_eq!(&obj[..12], &[0x57, 0x56, 0x4c, 0x54, 1, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(&obj[12..20], &41u64.to_le_bytes());
+        assert_eq!(&obj[24..28], &2u32.to_le_bytes());
+        assert_eq!(&obj[28..36], &41u64.to_le_bytes());
+        assert_eq!(obj[20..24], obj[36..40], "uncompressed: payload crc equals plain crc");
+        assert_eq!(&obj[44..46], b"{}");
+        assert_eq!(&obj[46..], content);
+    }
+
+    #[test]
     fn detects_every_single_bit_flip() {
         let plain: Vec<u8> = (0..2000u32).map(|i| (i * 7 % 251) as u8).collect();
         for compression in [Compression::None, Compression::Zstd] {
