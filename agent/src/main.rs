@@ -1,2 +1,194 @@
+//! `walvault-agent`: runs beside PostgreSQL and streams its WAL into a walvault archive.
+//!
+//! Exit codes: 0 clean shutdown (SIGINT/SIGTERM, everything received archived); 1 failure
+//! (cannot connect at start, another cluster's archive, split brain, refused password, …);
+//! 2 usage or configuration error.
+
+mod config;
+mod http;
+mod metrics;
 mod replication;
-fn main() {}
+mod stream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use config::{FileConfig, RunSettings};
+use replication::conninfo::ConnParams;
+use stream::StreamConfig;
+
+const EXIT_CODES: &str = "Exit codes: 0 clean shutdown; 1 failure; 2 usage or configuration error.";
+
+#[derive(Parser)]
+#[command(name = "walvault-agent", version, about = "Stream PostgreSQL WAL into a walvault archive.", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Stream WAL continuously (until SIGINT/SIGTERM).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML config file; flags and WALVAULT_* variables override its keys.
+    #[arg(long, env = "WALVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// PostgreSQL connection (URL or key=value; default DATABASE_URL, then libpq's PG* variables).
+    #[arg(long, env = "WALVAULT_PG_URL", hide_env_values = true)]
+    pg_url: Option<String>,
+    /// Archive: file:///path, a plain path, or s3://bucket/prefix.
+    #[arg(long, env = "WALVAULT_ARCHIVE")]
+    archive: Option<String>,
+    /// Physical replication slot name [default: walvault].
+    #[arg(long, env = "WALVAULT_SLOT")]
+    slot: Option<String>,
+    /// Do not create the slot if it is missing.
+    #[arg(long, env = "WALVAULT_NO_CREATE_SLOT")]
+    no_create_slot: bool,
+    /// Seal and upload a chunk at least this often while WAL flows [default: 1s].
+    #[arg(long, env = "WALVAULT_CHUNK_INTERVAL", value_parser = humantime::parse_duration)]
+    chunk_interval: Option<Duration>,
+    /// Largest chunk [default: 8MiB].
+    #[arg(long, env = "WALVAULT_CHUNK_MAX_BYTES")]
+    chunk_max_bytes: Option<String>,
+    /// Uploads in flight [default: 4].
+    #[arg(long, env = "WALVAULT_UPLOAD_CONCURRENCY")]
+    upload_concurrency: Option<usize>,
+    /// Give up on one upload attempt after this long and retry [default: 60s].
+    #[arg(long, env = "WALVAULT_UPLOAD_TIMEOUT", value_parser = humantime::parse_duration)]
+    upload_timeout: Option<Duration>,
+    /// Send standby status to PostgreSQL at least this often [default: 10s].
+    #[arg(long, env = "WALVAULT_STATUS_INTERVAL", value_parser = humantime::parse_duration)]
+    status_interval: Option<Duration>,
+    /// Serve /metrics, /healthz and /status on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, env = "WALVAULT_LISTEN")]
+    listen: Option<String>,
+    /// Log format: plain or json [default: plain]. Level from RUST_LOG (default info).
+    #[arg(long, env = "WALVAULT_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// S3 endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, env = "WALVAULT_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, env = "WALVAULT_S3_REGION")]
+    s3_region: Option<String>,
+    /// Address buckets as endpoint/bucket (MinIO, SeaweedFS, Ceph, most self-hosted stores).
+    #[arg(long, env = "WALVAULT_S3_FORCE_PATH_STYLE")]
+    s3_force_path_style: bool,
+}
+
+/// A usage or configuration error: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct ConfigError(anyhow::Error);
+
+fn settings(a: RunArgs) -> Result<RunSettings, ConfigError> {
+    let inner = || -> Result<RunSettings> {
+        let file = match &a.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let d = StreamConfig::default();
+        let chunk_max_bytes = match a.chunk_max_bytes.or(file.chunk_max_bytes) {
+            Some(s) => config::parse_bytes(&s)?,
+            None => d.chunk_max_bytes,
+        };
+        let stream = StreamConfig {
+            slot: a.slot.or(file.slot).unwrap_or(d.slot),
+            create_slot: !a.no_create_slot && file.create_slot.unwrap_or(true),
+            chunk_interval: a.chunk_interval.or(file.chunk_interval).unwrap_or(d.chunk_interval),
+            chunk_max_bytes,
+            upload_concurrency: a.upload_concurrency.or(file.upload_concurrency).unwrap_or(d.upload_concurrency),
+            upload_timeout: a.upload_timeout.or(file.upload_timeout).unwrap_or(d.upload_timeout),
+            status_interval: a.status_interval.or(file.status_interval).unwrap_or(d.status_interval),
+            ..d
+        };
+        config::validate_stream(&stream)?;
+        let archive = a.archive.or(file.archive).context(
+            "no archive given\nHINT: --archive file:///var/lib/walvault/archive (or s3://bucket/prefix), or archive = … in the config file",
+        )?;
+        walvault_shared::storage::RepoUrl::parse(&archive)?;
+        let pg_url = a.pg_url.or(file.pg_url).or_else(|| std::env::var("DATABASE_URL").ok()).unwrap_or_default();
+        let log_format = a.log_format.or(file.log_format).unwrap_or_else(|| "plain".into());
+        let log_json = match log_format.as_str() {
+            "plain" => false,
+            "json" => true,
+            o => anyhow::bail!("invalid log format {o:?}: use plain or json"),
+        };
+        let s3 = walvault_shared::storage::s3::S3Options {
+            endpoint: a.s3_endpoint.or(file.s3_endpoint),
+            region: a.s3_region.or(file.s3_region),
+            force_path_style: a.s3_force_path_style || file.s3_force_path_style.unwrap_or(false),
+            ..Default::default()
+        };
+        Ok(RunSettings { pg_url, archive, stream, listen: a.listen.or(file.listen), log_json, s3 })
+    };
+    inner().map_err(ConfigError)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run_agent(s: RunSettings) -> Result<()> {
+    let params = ConnParams::parse_with_process_env(&s.pg_url).map_err(ConfigError)?;
+    let store = walvault_shared::storage::open(&s.archive, &s.s3).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    *metrics.archive_url.lock().unwrap() = store.url();
+    if let Some(addr) = &s.listen {
+        let listener = http::bind(addr).await?;
+        tracing::info!("status on http://{}/status, metrics on /metrics", listener.local_addr()?);
+        tokio::spawn(http::serve(listener, metrics.clone()));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: sealing the open chunk and archiving it (signal again to exit at once)");
+        stop_tx.send_replace(true);
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("walvault-agent: second signal, exiting now; WAL not yet archived stays in the replication slot");
+        std::process::exit(1);
+    });
+    tracing::info!(archive = %store.url(), server = %params.describe(), slot = %s.stream.slot, "walvault-agent starting");
+    stream::run(params, store, s.stream, metrics, stop_rx).await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Run(args) = cli.cmd;
+    let s = match settings(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("walvault-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(s.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(run_agent(s)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
+            tracing::error!("{e:#}");
+            eprintln!("walvault-agent: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The agent's counters and gauges, rendered as Prometheus text (`/metrics`) and JSON
+//! (`/status`). Lock-free atomics: the hot path only adds and stores.
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `walvault_received_lsn` | gauge | end of WAL received from PostgreSQL |
+//! | `walvault_archived_lsn` | gauge | archived watermark: everything below is durable in the archive |
+//! | `walvault_server_lsn` | gauge | the server's end of WAL, from its last message |
+//! | `walvault_timeline` | gauge | timeline being streamed |
+//! | `walvault_archive_lag_bytes` | gauge | server LSN − archived LSN |
+//! | `walvault_archive_lag_seconds` | gauge | how long received WAL has been waiting to become durable (0 when caught up) |
+//! | `walvault_wal_bytes_archived_total` | counter | WAL bytes written as chunks |
+//! | `walvault_chunks_archived_total` | counter | chunk objects written |
+//! | `walvault_segments_archived_total` | counter | whole-segment objects written |
+//! | `walvault_bytes_uploaded_total` | counter | stored (compressed) bytes written |
+//! | `walvault_upload_retries_total` | counter | failed upload attempts that were retried |
+//! | `walvault_upload_errors_total` | counter | uploads that failed for good (split brain) |
+//! | `walvault_reconnects_total` | counter | replication connections re-opened |
+//! | `walvault_up` | gauge | 1 while a replication connection is streaming |
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use walvault_shared::lsn::Lsn;
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub received_lsn: Gauge,
+    pub archived_lsn: Gauge,
+    pub server_lsn: Gauge,
+    pub timeline: Gauge,
+    pub up: Gauge,
+    pub wal_bytes_archived: Counter,
+    pub chunks_archived: Counter,
+    pub segments_archived: Counter,
+    pub bytes_uploaded: Counter,
+    pub upload_retries: Counter,
+    pub upload_errors: Counter,
+    pub reconnects: Counter,
+    /// Unix ms when the watermark last caught up with what had been received.
+    last_archived_ms: Gauge,
+    /// Unix ms when received WAL first got ahead of the watermark (0: caught up).
+    behind_since_ms: Gauge,
+    last_error: Mutex<Option<(String, String)>>,
+    pub system_identifier: Gauge,
+    pub archive_url: Mutex<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+impl Metrics {
+    pub fn set_received(&self, lsn: Lsn) {
+        self.received_lsn.set(lsn.0);
+        if lsn.0 > self.archived_lsn.get() && self.behind_since_ms.get() == 0 {
+            self.behind_since_ms.set(now_ms());
+        }
+    }
+
+    /// The watermark advanced; if it caught up with what was received, the lag clock stops.
+    pub fn mark_archived_now(&self) {
+        self.last_archived_ms.set(now_ms());
+        if self.archived_lsn.get() >= self.received_lsn.get() {
+            self.behind_since_ms.set(0);
+        } else {
+            // Still behind: the oldest unarchived byte arrived no earlier than now-ish; keep
+            // the clock running from when we first fell behind.
+        }
+    }
+
+    pub fn lag_seconds(&self) -> f64 {
+        match self.behind_since_ms.get() {
+            0 => 0.0,
+            t => now_ms().saturating_sub(t) as f64 / 1000.0,
+        }
+    }
+
+    pub fn lag_bytes(&self) -> u64 {
+        self.server_lsn.get().max(self.received_lsn.get()).saturating_sub(self.archived_lsn.get())
+    }
+
+    pub fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap() = Some((chrono::Utc::now().to_rfc3339(), e));
+    }
+
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        let mut g = |name: &str, help: &str, kind: &str, v: f64| {
+            let _ = writeln!(s, "# HELP walvault_{name} {help}\n# TYPE walvault_{name} {kind}\nwalvault_{name} {v}");
+        };
+        g("received_lsn", "End of WAL received from PostgreSQL (as a byte position).", "gauge", self.received_lsn.get() as f64);
+        g("archived_lsn", "Archived watermark: all WAL below is durable in the archive.", "gauge", self.archived_lsn.get() as f64);
+        g("server_lsn", "The server's end of WAL from its last message.", "gauge", self.server_lsn.get() as f64);
+        g("timeline", "Timeline being streamed.", "gauge", self.timeline.get() as f64);
+        g("archive_lag_bytes", "Server end of WAL minus the archived watermark.", "gauge", self.lag_bytes() as f64);
+        g("archive_lag_seconds", "How long received WAL has been waiting to become durable.", "gauge", self.lag_seconds());
+        g("wal_bytes_archived_total", "WAL bytes written as chunks.", "counter", self.wal_bytes_archived.get() as f64);
+        g("chunks_archived_total", "Chunk objects written.", "counter", self.chunks_archived.get() as f64);
+        g("segments_archived_total", "Whole-segment objects written.", "counter", self.segments_archived.get() as f64);
+        g("bytes_uploaded_total", "Stored (compressed) bytes written.", "counter", self.bytes_uploaded.get() as f64);
+        g("upload_retries_total", "Upload attempts that failed and were retried.", "counter", self.upload_retries.get() as f64);
+        g("upload_errors_total", "Uploads that failed for good.", "counter", self.upload_errors.get() as f64);
+        g("reconnects_total", "Replication connections re-opened.", "counter", self.reconnects.get() as f64);
+        g("up", "1 while a replication connection is streaming.", "gauge", self.up.get() as f64);
+        s
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let last_error = self.last_error.lock().unwrap().clone();
+        serde_json::json!({
+            "archive": *self.archive_url.lock().unwrap(),
+            "system_identifier": self.system_identifier.get().to_string(),
+            "streaming": self.up.get() == 1,
+            "timeline": self.timeline.get(),
+            "received_lsn": Lsn(self.received_lsn.get()).to_string(),
+            "archived_lsn": Lsn(self.archived_lsn.get()).to_string(),
+            "server_lsn": Lsn(self.server_lsn.get()).to_string(),
+            "lag_bytes": self.lag_bytes(),
+            "lag_seconds": self.lag_seconds(),
+            "wal_bytes_archived": self.wal_bytes_archived.get(),
+            "chunks_archived": self.chunks_archived.get(),
+            "segments_archived": self.segments_archived.get(),
+            "upload_retries": self.upload_retries.get(),
+            "reconnects": self.reconnects.get(),
+            "last_error": last_error.map(|(t, e)| serde_json::json!({"at": t, "message": e})),
+        })
+    }
+}

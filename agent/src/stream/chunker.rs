@@ -1,0 +1,204 @@
+//! Cutting the received WAL stream into chunks and whole segments.
+//!
+//! The chunker is fed XLogData payloads in stream order and returns [`Job`]s for the uploader:
+//! * a [`Job::Chunk`] when the open chunk is sealed: by the time bound (the caller asks with
+//!   [`Chunker::seal`] once `chunk_interval` has passed since its first byte), by the size bound
+//!   (`chunk_max_bytes`), or at the end of a segment (a chunk never crosses a segment);
+//! * a [`Job::Segment`] right after the chunk that completes a segment, holding the whole
+//!   segment, when the chunker has seen the segment from its first byte (either streamed, or
+//!   loaded back from the archive after a restart).
+//!
+//! Memory: the current segment's bytes (at most one segment size) plus the open chunk.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use walvault_shared::lsn::{Lsn, TimelineId};
+use walvault_shared::wal::SegmentName;
+
+/// Work for the uploader. `seq` numbers chunks in stream order; the archived watermark is the
+/// end of the longest run of durable chunks from the first.
+#[derive(Debug)]
+pub enum Job {
+    Chunk { seq: u64, segment: SegmentName, start: Lsn, end: Lsn, data: Bytes, sealed_at: chrono::DateTime<chrono::Utc> },
+    /// Upload once every chunk up to `after_seq` is durable, then delete the segment's chunks.
+    Segment { after_seq: u64, segment: SegmentName, data: Bytes },
+}
+
+pub struct Chunker {
+    segment_size: u64,
+    max_chunk: usize,
+    timeline: TimelineId,
+    /// Next byte expected from the server.
+    pos: Lsn,
+    /// Bytes of the current segment before the open chunk; `None` if we did not see its start.
+    segment_prefix: Option<Vec<Bytes>>,
+    chunk: BytesMut,
+    chunk_start: Lsn,
+    chunk_opened: Option<Instant>,
+    next_seq: u64,
+}
+
+/// XLogData that does not start where the previous one ended.
+#[derive(Debug, thiserror::Error)]
+#[error("WAL stream gap: expected data at {expected}, server sent data starting at {got}; refusing to skip or overlap")]
+pub struct GapError {
+    pub expected: Lsn,
+    pub got: Lsn,
+}
+
+impl Chunker {
+    /// Start at `start` on `timeline`. `prefix` is the segment's bytes before `start` (from the
+    /// archive), or `None` when they are unknown (then this segment is left as chunks).
+    pub fn new(
+        timeline: TimelineId,
+        start: Lsn,
+        segment_size: u64,
+        max_chunk: usize,
+        prefix: Option<Vec<Bytes>>,
+        first_seq: u64,
+    ) -> Self {
+        let prefix = if start.is_segment_start(segment_size) { Some(Vec::new()) } else { prefix };
+        Chunker {
+            segment_size,
+            max_chunk: max_chunk.max(1),
+            timeline,
+            pos: start,
+            segment_prefix: prefix,
+            chunk: BytesMut::new(),
+            chunk_start: start,
+            chunk_opened: None,
+            next_seq: first_seq,
+        }
+    }
+
+    pub fn position(&self) -> Lsn {
+        self.pos
+    }
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+    /// When the open chunk received its first byte (`None`: no open chunk).
+    pub fn chunk_opened(&self) -> Option<Instant> {
+        self.chunk_opened
+    }
+
+    /// Add WAL bytes that start at `start`.
+    pub fn push(&mut self, start: Lsn, mut data: &[u8], jobs: &mut Vec<Job>) -> Result<(), GapError> {
+        if start != self.pos {
+            return Err(GapError { expected: self.pos, got: start });
+        }
+        while !data.is_empty() {
+            if self.chunk.is_empty() {
+                self.chunk_start = self.pos;
+                self.chunk_opened = Some(Instant::now());
+            }
+            let seg_end = self.pos.segment_start(self.segment_size).0 + self.segment_size;
+            let room_in_segment = (seg_end - self.pos.0) as usize;
+            let room_in_chunk = self.max_chunk - self.chunk.len();
+            let n = data.len().min(room_in_segment).min(room_in_chunk);
+            self.chunk.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            self.pos = Lsn(self.pos.0 + n as u64);
+            if self.pos.0 == seg_end || self.chunk.len() >= self.max_chunk {
+                self.seal(jobs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal the open chunk (no-op when empty); at a segment end also emit the whole segment.
+    pub fn seal(&mut self, jobs: &mut Vec<Job>) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let data = self.chunk.split().freeze();
+        let segment = SegmentName::containing(self.timeline, self.chunk_start, self.segment_size);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        jobs.push(Job::Chunk {
+            seq,
+            segment,
+            start: self.chunk_start,
+            end: self.pos,
+            data: data.clone(),
+            sealed_at: chrono::Utc::now(),
+        });
+        self.chunk_opened = None;
+        if let Some(prefix) = self.segment_prefix.as_mut() {
+            prefix.push(data);
+        }
+        if self.pos.is_segment_start(self.segment_size) {
+            if let Some(pieces) = self.segment_prefix.take() {
+                let mut whole = BytesMut::with_capacity(self.segment_size as usize);
+                for p in pieces {
+                    whole.extend_from_slice(&p);
+                }
+                debug_assert_eq!(whole.len() as u64, self.segment_size);
+                jobs.push(Job::Segment { after_seq: seq, segment, data: whole.freeze() });
+            }
+            // The next segment is streamed from its first byte.
+            self.segment_prefix = Some(Vec::new());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SZ: u64 = 1 << 20;
+
+    fn kinds(jobs: &[Job]) -> Vec<String> {
+        jobs.iter()
+            .map(|j| match j {
+                Job::Chunk { start, end, .. } => format!("c{}-{}", start.0, end.0),
+                Job::Segment { segment, data, .. } => format!("s{}:{}", segment.segno.0, data.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn splits_on_size_and_segment_and_emits_segments() {
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, None, 0);
+        let mut jobs = Vec::new();
+        let data = vec![7u8; SZ as usize + 100];
+        c.push(Lsn(SZ), &data, &mut jobs).unwrap();
+        assert_eq!(
+            kinds(&jobs),
+            vec![
+                format!("c{}-{}", SZ, SZ + 400_000),
+                format!("c{}-{}", SZ + 400_000, SZ + 800_000),
+                format!("c{}-{}", SZ + 800_000, 2 * SZ),
+                format!("s1:{SZ}"),
+            ]
+        );
+        assert!(c.chunk_opened().is_some(), "100 bytes of the next segment are open");
+        jobs.clear();
+        c.seal(&mut jobs);
+        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", 2 * SZ, 2 * SZ + 100)]);
+        assert!(matches!(c.push(Lsn(2 * SZ + 99), b"x", &mut jobs), Err(GapError { .. })));
+        assert!(matches!(c.push(Lsn(2 * SZ + 101), b"x", &mut jobs), Err(GapError { .. })));
+    }
+
+    #[test]
+    fn mid_segment_start_needs_a_prefix_to_consolidate() {
+        let start = Lsn(SZ + 10);
+        let mut jobs = Vec::new();
+        let mut without = Chunker::new(TimelineId(1), start, SZ, SZ as usize, None, 5);
+        without.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
+        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 10, 2 * SZ)]);
+        jobs.clear();
+        let prefix = vec![Bytes::from(vec![0u8; 10])];
+        let mut with = Chunker::new(TimelineId(1), start, SZ, SZ as usize, Some(prefix), 5);
+        with.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
+        match &jobs[1] {
+            Job::Segment { after_seq, data, .. } => {
+                assert_eq!(*after_seq, 5);
+                assert_eq!(&data[..10], &[0u8; 10]);
+                assert_eq!(data[10], 1);
+            }
+            j => panic!("{j:?}"),
+        }
+    }
+}

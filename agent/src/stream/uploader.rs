@@ -1,0 +1,217 @@
+//! The uploader: compress, checksum and write WAL objects, and publish the archived watermark.
+//!
+//! * Chunks go up with at most `concurrency` in flight. Each is written once
+//!   ([`walvault_shared::archive::put_once`]): identical content already there is success (a
+//!   retry after a timeout, or a restart), different content is split brain and stops the agent.
+//! * Every other failure (store down, throttled, hanging past `upload_timeout`, even a full
+//!   disk) is retried with backoff forever: the replication slot holds the WAL meanwhile, and
+//!   the metrics and logs say how much is waiting.
+//! * The archived watermark advances only over the contiguous run of durable chunks (by stream
+//!   sequence number), never past a chunk still in flight. It is what the agent reports to
+//!   PostgreSQL as flushed.
+//! * A whole segment is written once all of its chunks are durable; then its chunks are
+//!   deleted. The per-chunk durable times go into the segment's metadata.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
+use walvault_shared::archive::walcat::{ChunkRecord, WalObjectMeta};
+use walvault_shared::archive::{names, put_once, PutOnceError, PutOutcome};
+use walvault_shared::lsn::Lsn;
+use walvault_shared::storage::retry::RetryPolicy;
+use walvault_shared::storage::{ObjectStore, StorageError};
+
+use super::chunker::Job;
+use crate::metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct UploadConfig {
+    pub concurrency: usize,
+    pub upload_timeout: Duration,
+    pub zstd_level: i32,
+    pub segment_size: u64,
+}
+
+/// A failure that must stop the agent.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct FatalUpload(#[from] pub PutOnceError);
+
+enum Done {
+    Chunk { seq: u64, end: Lsn, record: ChunkRecord },
+    Segment,
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Run until `jobs` is closed and everything received is durable (or a fatal error).
+pub async fn run(
+    store: Arc<dyn ObjectStore>,
+    cfg: UploadConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    first_seq: u64,
+    watermark: watch::Sender<Lsn>,
+    metrics: Arc<Metrics>,
+) -> Result<(), FatalUpload> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut next_seq = first_seq;
+    let mut done: BTreeMap<u64, Lsn> = BTreeMap::new();
+    let mut records: HashMap<u64, ChunkRecord> = HashMap::new();
+    let mut segments: VecDeque<Job> = VecDeque::new();
+    let mut open = true;
+    loop {
+        // Start whole-segment uploads whose chunks are all durable.
+        while segments.front().is_some_and(|j| matches!(j, Job::Segment { after_seq, .. } if *after_seq < next_seq)) {
+            let Some(Job::Segment { segment, data, .. }) = segments.pop_front() else { unreachable!() };
+            let start = segment.start_lsn(cfg.segment_size);
+            let end = Lsn(start.0 + cfg.segment_size);
+            let mut chunks: Vec<ChunkRecord> =
+                records.values().filter(|r| r.start_lsn >= start && r.end_lsn <= end).cloned().collect();
+            chunks.sort_by_key(|r| r.start_lsn);
+            records.retain(|_, r| r.start_lsn >= end);
+            let key = names::segment(&segment, cfg.segment_size);
+            let meta = WalObjectMeta {
+                timeline: segment.timeline,
+                start_lsn: start,
+                end_lsn: end,
+                segment_size: cfg.segment_size,
+                sealed_at: rfc3339(chrono::Utc::now()),
+                chunks,
+            };
+            let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
+            in_flight.push(tokio::spawn(async move {
+                upload(&*store, &cfg, &metrics, &key, ObjectKind::WalSegment, &meta, data).await?;
+                metrics.segments_archived.inc();
+                // The segment now holds these bytes: its chunks can go.
+                let prefix = format!("{key}.");
+                let delete = RetryPolicy { max_attempts: Some(5), ..Default::default() };
+                let chunk_keys = delete.run(&format!("list chunks of {key}"), || store.list_all(&prefix)).await;
+                match chunk_keys {
+                    Ok(list) => {
+                        let keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
+                        if let Err(e) = delete.run(&format!("delete chunks of {key}"), || store.delete(&keys)).await {
+                            tracing::warn!("could not delete chunks consolidated into {key}: {e} (they are removed at the next start)");
+                        }
+                    }
+                    Err(e) => tracing::warn!("could not list chunks of {key}: {e}"),
+                }
+                Ok::<Done, FatalUpload>(Done::Segment)
+            }));
+        }
+        if !open && in_flight.is_empty() && segments.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            job = jobs.recv(), if open && in_flight.len() < cfg.concurrency => match job {
+                None => open = false,
+                Some(Job::Chunk { seq, segment, start, end, data, sealed_at }) => {
+                    let key = names::chunk(&segment, cfg.segment_size, start, end);
+                    let meta = WalObjectMeta {
+                        timeline: segment.timeline,
+                        start_lsn: start,
+                        end_lsn: end,
+                        segment_size: cfg.segment_size,
+                        sealed_at: rfc3339(sealed_at),
+                        chunks: Vec::new(),
+                    };
+                    let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
+                    in_flight.push(tokio::spawn(async move {
+                        let len = data.len() as u64;
+                        upload(&*store, &cfg, &metrics, &key, ObjectKind::WalChunk, &meta, data).await?;
+                        metrics.chunks_archived.inc();
+                        metrics.wal_bytes_archived.add(len);
+                        let record = ChunkRecord {
+                            start_lsn: start,
+                            end_lsn: end,
+                            sealed_at: meta.sealed_at.clone(),
+                            durable_at: rfc3339(chrono::Utc::now()),
+                        };
+                        Ok(Done::Chunk { seq, end, record })
+                    }));
+                }
+                Some(seg @ Job::Segment { .. }) => segments.push_back(seg),
+            },
+            Some(res) = in_flight.next() => {
+                let res = res.unwrap_or_else(|e| panic!("upload task panicked: {e}"));
+                match res? {
+                    Done::Chunk { seq, end, record } => {
+                        done.insert(seq, end);
+                        records.insert(seq, record);
+                        let mut advanced = None;
+                        while let Some(end) = done.remove(&next_seq) {
+                            next_seq += 1;
+                            advanced = Some(end);
+                        }
+                        if let Some(end) = advanced {
+                            watermark.send_if_modified(|w| {
+                                if end > *w {
+                                    *w = end;
+                                    true
+                                } else {
+                                    false
+                                }
+                            });
+                            metrics.archived_lsn.set(watermark.borrow().0);
+                            metrics.mark_archived_now();
+                        }
+                    }
+                    Done::Segment => {}
+                }
+            }
+        }
+    }
+}
+
+/// Encode and write one object, retrying everything but split brain.
+async fn upload(
+    store: &dyn ObjectStore,
+    cfg: &UploadConfig,
+    metrics: &Metrics,
+    key: &str,
+    kind: ObjectKind,
+    meta: &WalObjectMeta,
+    data: Bytes,
+) -> Result<(), FatalUpload> {
+    let level = cfg.zstd_level;
+    let meta_c = meta.clone();
+    let content = data.clone();
+    let object: Bytes = tokio::task::spawn_blocking(move || envelope::encode(kind, &meta_c, &content, Compression::Zstd, level))
+        .await
+        .expect("encode task")
+        .into();
+    let policy = RetryPolicy { initial: Duration::from_millis(200), max: Duration::from_secs(30), max_attempts: None };
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let r = tokio::time::timeout(cfg.upload_timeout, put_once(store, key, object.clone(), &data)).await;
+        let err = match r {
+            Ok(Ok(outcome)) => {
+                if outcome == PutOutcome::AlreadyThere {
+                    tracing::info!("{key} was already archived with the same content");
+                }
+                metrics.bytes_uploaded.add(object.len() as u64);
+                return Ok(());
+            }
+            Ok(Err(e @ PutOnceError::SplitBrain { .. })) => {
+                metrics.upload_errors.inc();
+                return Err(e.into());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => StorageError::Timeout { op: "put", key: key.to_string() }.to_string(),
+        };
+        metrics.upload_retries.inc();
+        metrics.set_error(format!("upload {key}: {err}"));
+        let delay = policy.delay(attempt);
+        tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, "upload {key} failed: {err}");
+        tokio::time::sleep(delay).await;
+    }
+}
