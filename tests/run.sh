@@ -66,7 +66,8 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "build tests"
+step "build binaries and tests"
+cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-run
 
 step "start SeaweedFS for the run"

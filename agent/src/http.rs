@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 use crate::metrics::Metrics;
 
 pub async fn bind(addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}\nHINT: choose a free address with --listen"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}\nHINT: choose a free address with --listen"))
 }
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {

@@ -116,17 +116,37 @@ impl Metrics {
         let mut g = |name: &str, help: &str, kind: &str, v: f64| {
             let _ = writeln!(s, "# HELP walvault_{name} {help}\n# TYPE walvault_{name} {kind}\nwalvault_{name} {v}");
         };
-        g("received_lsn", "End of WAL received from PostgreSQL (as a byte position).", "gauge", self.received_lsn.get() as f64);
-        g("archived_lsn", "Archived watermark: all WAL below is durable in the archive.", "gauge", self.archived_lsn.get() as f64);
+        g(
+            "received_lsn",
+            "End of WAL received from PostgreSQL (as a byte position).",
+            "gauge",
+            self.received_lsn.get() as f64,
+        );
+        g(
+            "archived_lsn",
+            "Archived watermark: all WAL below is durable in the archive.",
+            "gauge",
+            self.archived_lsn.get() as f64,
+        );
         g("server_lsn", "The server's end of WAL from its last message.", "gauge", self.server_lsn.get() as f64);
         g("timeline", "Timeline being streamed.", "gauge", self.timeline.get() as f64);
         g("archive_lag_bytes", "Server end of WAL minus the archived watermark.", "gauge", self.lag_bytes() as f64);
-        g("archive_lag_seconds", "How long received WAL has been waiting to become durable.", "gauge", self.lag_seconds());
+        g(
+            "archive_lag_seconds",
+            "How long received WAL has been waiting to become durable.",
+            "gauge",
+            self.lag_seconds(),
+        );
         g("wal_bytes_archived_total", "WAL bytes written as chunks.", "counter", self.wal_bytes_archived.get() as f64);
         g("chunks_archived_total", "Chunk objects written.", "counter", self.chunks_archived.get() as f64);
         g("segments_archived_total", "Whole-segment objects written.", "counter", self.segments_archived.get() as f64);
         g("bytes_uploaded_total", "Stored (compressed) bytes written.", "counter", self.bytes_uploaded.get() as f64);
-        g("upload_retries_total", "Upload attempts that failed and were retried.", "counter", self.upload_retries.get() as f64);
+        g(
+            "upload_retries_total",
+            "Upload attempts that failed and were retried.",
+            "counter",
+            self.upload_retries.get() as f64,
+        );
         g("upload_errors_total", "Uploads that failed for good.", "counter", self.upload_errors.get() as f64);
         g("reconnects_total", "Replication connections re-opened.", "counter", self.reconnects.get() as f64);
         g("up", "1 while a replication connection is streaming.", "gauge", self.up.get() as f64);

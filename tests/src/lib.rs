@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+pub mod agent;
 pub mod pg;
 pub mod s3server;
 

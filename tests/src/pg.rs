@@ -170,6 +170,52 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), started.
+    pub fn start_standby_of(primary: &PgCluster, name: &str) -> Result<Self> {
+        let dir = test_root()?.join(format!("pg-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        chown_to_pg(&dir)?;
+        let data = dir.join("data");
+        let mut c = pg_command(&pg_program("pg_basebackup")?)?;
+        c.arg("-D").arg(&data).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+            "-c",
+            "fast",
+        ]);
+        run_checked(c, "pg_basebackup")?;
+        // The copied postgresql.conf carries the primary's port and socket settings; ours are
+        // appended after them and win.
+        let standby = Self::from_data_dir(name, dir, data, vec![])?;
+        standby.start()?;
+        Ok(standby)
+    }
+
+    /// A copy of this (stopped) cluster's data directory as an independent cluster with the same
+    /// system identifier: two histories of one cluster, for split-brain tests.
+    pub fn clone_stopped(&self, name: &str) -> Result<Self> {
+        let dir = test_root()?.join(format!("pg-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        chown_to_pg(&dir)?;
+        let data = dir.join("data");
+        let out = Command::new("cp").arg("-a").arg(&self.data).arg(&data).output()?;
+        if !out.status.success() {
+            bail!("cp -a failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        Self::from_data_dir(name, dir, data, vec![])
+    }
+
     /// Wrap an existing data directory (e.g. a restored or base-backed-up one) in `dir`, giving it
     /// its own port and socket directory.
     pub fn from_data_dir(name: &str, dir: PathBuf, data: PathBuf, settings: Vec<String>) -> Result<Self> {

@@ -179,7 +179,9 @@ impl ConnParams {
         };
         let user = match user {
             Some(u) => u,
-            None => os_user_name().context("no user given and the OS user name is unknown\nHINT: set user= or PGUSER")?,
+            None => {
+                os_user_name().context("no user given and the OS user name is unknown\nHINT: set user= or PGUSER")?
+            }
         };
         Ok(ConnParams {
             targets,
@@ -200,7 +202,8 @@ impl ConnParams {
         if let Some(p) = &self.password {
             return Some(p.clone());
         }
-        let file = self.passfile.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
+        let file =
+            self.passfile.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
         let host_name = match host {
             // libpq matches socket connections against "localhost".
             Host::Unix(_) => "localhost".to_string(),
@@ -355,7 +358,9 @@ fn parse_keyword_value(s: &str) -> Result<HashMap<String, String>> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            bail!("missing \"=\" after {key:?} in connection string\nHINT: write key=value pairs, or a postgresql:// URL");
+            bail!(
+                "missing \"=\" after {key:?} in connection string\nHINT: write key=value pairs, or a postgresql:// URL"
+            );
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -479,7 +484,10 @@ mod tests {
         assert_eq!(p.targets.len(), 3);
         assert_eq!(p.targets[2], (Host::Tcp("c".into()), 3));
         assert!(ConnParams::parse("host=a,b port=1,2,3 user=u", &no_env).is_err());
-        assert!(ConnParams::parse("host=a bogus=1", &no_env).unwrap_err().to_string().contains("unknown connection option"));
+        assert!(ConnParams::parse("host=a bogus=1", &no_env)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown connection option"));
         assert!(ConnParams::parse("host", &no_env).is_err());
         assert!(ConnParams::parse("sslmode=sometimes user=u", &no_env).is_err());
     }

@@ -406,7 +406,8 @@ impl Connection {
                     }
                     return Err(anyhow::Error::new(err).context(format!("run {sql:?}")));
                 }
-                Msg::Backend(backend::Message::NoticeResponse(_)) | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
+                Msg::Backend(backend::Message::NoticeResponse(_))
+                | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
                 // The requested timeline ended exactly at the start point: the server answers
                 // with the next timeline straight away.
                 Msg::Backend(backend::Message::RowDescription(_)) => {}
@@ -473,8 +474,16 @@ impl Connection {
                     return Ok(ReplicationMessage::EndOfTimeline { next_timeline, next_start });
                 }
                 Msg::Backend(backend::Message::ErrorResponse(e)) => return Err(PgError::from_fields(e.fields()).into()),
-                Msg::Backend(backend::Message::NoticeResponse(_)) | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
-                _ => bail!("unexpected message in the replication stream"),
+                Msg::Backend(backend::Message::NoticeResponse(_))
+                | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
+                Msg::Backend(backend::Message::CommandComplete(c)) => {
+                    bail!(
+                        "the server ended the replication stream ({}); it is probably shutting down",
+                        c.tag().unwrap_or("?")
+                    )
+                }
+                Msg::Backend(other) => bail!("unexpected message in the replication stream: {}", describe(&other)),
+                Msg::CopyBoth => bail!("unexpected CopyBothResponse in the replication stream"),
             }
         }
     }
@@ -502,6 +511,18 @@ impl Connection {
         }
         frontend::terminate(&mut self.wbuf);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.flush()).await;
+    }
+}
+
+fn describe(m: &backend::Message) -> &'static str {
+    match m {
+        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
+        backend::Message::RowDescription(_) => "RowDescription",
+        backend::Message::DataRow(_) => "DataRow",
+        backend::Message::CopyOutResponse(_) => "CopyOutResponse",
+        backend::Message::CopyInResponse(_) => "CopyInResponse",
+        backend::Message::EmptyQueryResponse => "EmptyQueryResponse",
+        _ => "other",
     }
 }
 

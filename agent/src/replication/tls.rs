@@ -53,7 +53,8 @@ pub(super) async fn negotiate(mut tcp: TcpStream, host: &str, params: &ConnParam
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    let name = ServerName::try_from(host.to_string()).with_context(|| format!("invalid server name {host:?} for TLS"))?;
+    let name =
+        ServerName::try_from(host.to_string()).with_context(|| format!("invalid server name {host:?} for TLS"))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
@@ -81,7 +82,9 @@ fn verifier(params: &ConnParams, provider: Arc<CryptoProvider>) -> Result<Arc<dy
         return Ok(Arc::new(NoVerify(provider)));
     };
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&path).with_context(|| format!("read root certificate {}", path.display()))? {
+    for cert in
+        CertificateDer::pem_file_iter(&path).with_context(|| format!("read root certificate {}", path.display()))?
+    {
         roots.add(cert.with_context(|| format!("parse {}", path.display()))?)?;
     }
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;

@@ -20,13 +20,24 @@ use walvault_shared::wal::SegmentName;
 /// end of the longest run of durable chunks from the first.
 #[derive(Debug)]
 pub enum Job {
-    Chunk { seq: u64, segment: SegmentName, start: Lsn, end: Lsn, data: Bytes, sealed_at: chrono::DateTime<chrono::Utc> },
+    Chunk {
+        seq: u64,
+        segment: SegmentName,
+        start: Lsn,
+        end: Lsn,
+        data: Bytes,
+        sealed_at: chrono::DateTime<chrono::Utc>,
+    },
     /// Upload once every chunk up to `after_seq` is durable, then delete the segment's chunks.
     Segment { after_seq: u64, segment: SegmentName, data: Bytes },
 }
 
 pub struct Chunker {
     segment_size: u64,
+    /// Bytes the archive already holds from the stream start: the server's bytes for this
+    /// range must be identical (else two histories are being mixed: split brain).
+    verify: Bytes,
+    verify_start: Lsn,
     max_chunk: usize,
     timeline: TimelineId,
     /// Next byte expected from the server.
@@ -39,28 +50,40 @@ pub struct Chunker {
     next_seq: u64,
 }
 
-/// XLogData that does not start where the previous one ended.
+/// What [`Chunker::push`] refuses.
 #[derive(Debug, thiserror::Error)]
-#[error("WAL stream gap: expected data at {expected}, server sent data starting at {got}; refusing to skip or overlap")]
-pub struct GapError {
-    pub expected: Lsn,
-    pub got: Lsn,
+pub enum StreamError {
+    /// XLogData that does not start where the previous one ended.
+    #[error(
+        "WAL stream gap: expected data at {expected}, server sent data starting at {got}; refusing to skip or overlap"
+    )]
+    Gap { expected: Lsn, got: Lsn },
+    #[error(
+        "split brain: the server's WAL at {at} differs from what the archive holds there\nHINT: this archive holds WAL \
+         of a different history of this cluster (a copy of it that diverged, or an old primary); give each its own \
+         archive. Nothing was overwritten."
+    )]
+    Diverged { at: Lsn },
 }
 
 impl Chunker {
-    /// Start at `start` on `timeline`. `prefix` is the segment's bytes before `start` (from the
-    /// archive), or `None` when they are unknown (then this segment is left as chunks).
+    /// Stream from `start` on `timeline`. `verify` holds the bytes the archive already has from
+    /// `start` on: they are compared with what the server sends, not uploaded again. When
+    /// `start` is a segment start the whole segment is assembled and emitted at its end;
+    /// otherwise (the archive could not supply the segment's beginning) it stays as chunks.
     pub fn new(
         timeline: TimelineId,
         start: Lsn,
         segment_size: u64,
         max_chunk: usize,
-        prefix: Option<Vec<Bytes>>,
+        verify: Bytes,
         first_seq: u64,
     ) -> Self {
-        let prefix = if start.is_segment_start(segment_size) { Some(Vec::new()) } else { prefix };
+        let prefix = start.is_segment_start(segment_size).then(Vec::new);
         Chunker {
             segment_size,
+            verify,
+            verify_start: start,
             max_chunk: max_chunk.max(1),
             timeline,
             pos: start,
@@ -83,10 +106,30 @@ impl Chunker {
         self.chunk_opened
     }
 
+    /// The first LSN not yet known to be in the archive.
+    pub fn archived_from(&self) -> Lsn {
+        Lsn(self.verify_start.0 + self.verify.len() as u64)
+    }
+
     /// Add WAL bytes that start at `start`.
-    pub fn push(&mut self, start: Lsn, mut data: &[u8], jobs: &mut Vec<Job>) -> Result<(), GapError> {
+    pub fn push(&mut self, start: Lsn, mut data: &[u8], jobs: &mut Vec<Job>) -> Result<(), StreamError> {
         if start != self.pos {
-            return Err(GapError { expected: self.pos, got: start });
+            return Err(StreamError::Gap { expected: self.pos, got: start });
+        }
+        let verify_end = self.archived_from();
+        if self.pos < verify_end {
+            let n = data.len().min((verify_end.0 - self.pos.0) as usize);
+            let off = (self.pos.0 - self.verify_start.0) as usize;
+            if let Some(i) = (0..n).find(|&i| data[i] != self.verify[off + i]) {
+                return Err(StreamError::Diverged { at: Lsn(self.pos.0 + i as u64) });
+            }
+            self.pos = Lsn(self.pos.0 + n as u64);
+            data = &data[n..];
+            if self.pos == verify_end {
+                if let Some(prefix) = self.segment_prefix.as_mut() {
+                    prefix.push(self.verify.clone());
+                }
+            }
         }
         while !data.is_empty() {
             if self.chunk.is_empty() {
@@ -160,7 +203,7 @@ mod tests {
 
     #[test]
     fn splits_on_size_and_segment_and_emits_segments() {
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, None, 0);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, Bytes::new(), 0);
         let mut jobs = Vec::new();
         let data = vec![7u8; SZ as usize + 100];
         c.push(Lsn(SZ), &data, &mut jobs).unwrap();
@@ -177,28 +220,46 @@ mod tests {
         jobs.clear();
         c.seal(&mut jobs);
         assert_eq!(kinds(&jobs), vec![format!("c{}-{}", 2 * SZ, 2 * SZ + 100)]);
-        assert!(matches!(c.push(Lsn(2 * SZ + 99), b"x", &mut jobs), Err(GapError { .. })));
-        assert!(matches!(c.push(Lsn(2 * SZ + 101), b"x", &mut jobs), Err(GapError { .. })));
+        assert!(matches!(c.push(Lsn(2 * SZ + 99), b"x", &mut jobs), Err(StreamError::Gap { .. })));
+        assert!(matches!(c.push(Lsn(2 * SZ + 101), b"x", &mut jobs), Err(StreamError::Gap { .. })));
     }
 
     #[test]
-    fn mid_segment_start_needs_a_prefix_to_consolidate() {
-        let start = Lsn(SZ + 10);
+    fn archived_prefix_is_verified_not_reuploaded() {
         let mut jobs = Vec::new();
-        let mut without = Chunker::new(TimelineId(1), start, SZ, SZ as usize, None, 5);
-        without.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
-        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 10, 2 * SZ)]);
-        jobs.clear();
-        let prefix = vec![Bytes::from(vec![0u8; 10])];
-        let mut with = Chunker::new(TimelineId(1), start, SZ, SZ as usize, Some(prefix), 5);
-        with.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
+        let archived = Bytes::from(vec![3u8; 1000]);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, archived.clone(), 5);
+        assert_eq!(c.archived_from(), Lsn(SZ + 1000));
+        // The server resends the archived bytes (in two messages), then new ones.
+        c.push(Lsn(SZ), &[3u8; 600], &mut jobs).unwrap();
+        let mut more = vec![3u8; 400];
+        more.extend_from_slice(&vec![9u8; SZ as usize - 1000]);
+        c.push(Lsn(SZ + 600), &more, &mut jobs).unwrap();
+        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 1000, 2 * SZ), format!("s1:{SZ}")]);
         match &jobs[1] {
             Job::Segment { after_seq, data, .. } => {
                 assert_eq!(*after_seq, 5);
-                assert_eq!(&data[..10], &[0u8; 10]);
-                assert_eq!(data[10], 1);
+                assert_eq!(&data[..1000], &archived[..]);
+                assert_eq!(data[1000], 9);
             }
             j => panic!("{j:?}"),
         }
+        // Different bytes where the archive has some: split brain, at the first differing byte.
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, archived, 0);
+        let mut bad = vec![3u8; 700];
+        bad[650] = 4;
+        match c.push(Lsn(SZ), &bad, &mut jobs) {
+            Err(StreamError::Diverged { at }) => assert_eq!(at, Lsn(SZ + 650)),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn mid_segment_start_is_left_as_chunks() {
+        let start = Lsn(SZ + 10);
+        let mut jobs = Vec::new();
+        let mut c = Chunker::new(TimelineId(1), start, SZ, SZ as usize, Bytes::new(), 5);
+        c.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
+        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 10, 2 * SZ)]);
     }
 }

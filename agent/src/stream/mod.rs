@@ -5,10 +5,12 @@
 //!    the repository identity: another cluster's archive is refused;
 //! 2. make sure the physical slot exists (`RESERVE_WAL`) and read its restart LSN `R`;
 //! 3. archive the server's timeline history files;
-//! 4. list the archive once and choose the start: on the timeline that holds `R` (per the
+//! 4. list the archive once and find the frontier `F`: on the timeline that holds `R` (per the
 //!    server's history), the end of the archive's contiguous WAL from the start of `R`'s
-//!    segment. Start there (the slot guarantees the server still has it), loading the
-//!    segment's earlier bytes back from the archive so the segment can be consolidated;
+//!    segment. Stream from the start of `F`'s segment, as pg_receivewal does (the slot keeps
+//!    that whole segment on the server): the bytes before `F` are read back from the archive
+//!    and compared with what the server sends (a difference is split brain: two histories of
+//!    the cluster meeting in one archive), and the segment can be written whole at its end;
 //! 5. stream: every XLogData must start where the last ended (a gap is a hard error); the
 //!    chunker seals chunks on time, size and segment end; the uploader makes them durable; the
 //!    watermark is reported as flush and apply LSN (write LSN = received), at once when it
@@ -116,7 +118,8 @@ pub async fn run(
                 attempt += 1;
                 metrics.reconnects.inc();
                 metrics.set_error(format!("{e:#}"));
-                let delay = (Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(10))).min(cfg.reconnect_max_delay);
+                let delay =
+                    (Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(10))).min(cfg.reconnect_max_delay);
                 tracing::warn!(
                     "replication session ended: {e:#}; reconnecting in {delay:?} (WAL not yet archived stays in the slot)"
                 );
@@ -186,11 +189,16 @@ async fn session(
         tracing::info!("removing {} chunks already consolidated into segments", redundant.len());
         store.delete(&redundant).await?;
     }
-    let (mut tli, mut start) = choose_start(&catalog, &server, restart, slot.restart_timeline);
+    let (mut tli, frontier) = choose_start(&catalog, &server, restart, slot.restart_timeline);
+    let (mut start, verify) = match load_prefix(&**store, &catalog, tli, frontier).await? {
+        Some(prefix) => (frontier.segment_start(segment_size), prefix),
+        None => (frontier, Bytes::new()),
+    };
     tracing::info!(
         system_identifier = server.system.system_identifier,
         server_timeline = server.system.timeline.0,
         slot_restart_lsn = %restart,
+        archived_up_to = %frontier,
         "starting replication at {start} on timeline {tli}"
     );
 
@@ -200,18 +208,17 @@ async fn session(
         zstd_level: cfg.zstd_level,
         segment_size,
     };
-    let (watermark_tx, mut watermark_rx) = watch::channel(start);
+    let (watermark_tx, mut watermark_rx) = watch::channel(frontier);
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.queue_depth.max(1));
     let uploader = tokio::spawn(uploader::run(store.clone(), upload_cfg, job_rx, 0, watermark_tx, metrics.clone()));
-    metrics.archived_lsn.set(metrics.archived_lsn.get().max(start.0));
+    metrics.archived_lsn.set(metrics.archived_lsn.get().max(frontier.0));
 
-    let prefix = load_prefix(&**store, &catalog, tli, start).await?;
-    let mut chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, prefix, 0);
+    let mut chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, verify, 0);
     conn.start_replication(&cfg.slot, start, tli).await?;
     *ever_streamed = true;
     metrics.up.set(1);
     metrics.timeline.set(tli.0 as u64);
-    metrics.set_received(start);
+    metrics.set_received(frontier);
 
     let mut status_tick = tokio::time::interval(cfg.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,23 +242,26 @@ async fn session(
                         return Ok(false);
                     }
                     let w = *watermark_rx.borrow_and_update();
-                    conn.send_status(chunker.position(), w, w, false).await?;
+                    conn.send_status(chunker.position().max(w), w, w, false).await?;
                 }
                 _ = status_tick.tick() => {
                     let w = *watermark_rx.borrow();
-                    conn.send_status(chunker.position(), w, w, false).await?;
+                    conn.send_status(chunker.position().max(w), w, w, false).await?;
                 }
                 msg = conn.next_message() => match msg? {
                     ReplicationMessage::XLogData { start, wal_end, data } => {
-                        chunker.push(start, &data, &mut jobs).map_err(|e| Fatal(e.into()))?;
-                        metrics.set_received(chunker.position());
+                        chunker.push(start, &data, &mut jobs).map_err(|e| match e {
+                            e @ chunker::StreamError::Diverged { .. } => anyhow::Error::new(Fatal(e.into())),
+                            e => e.into(),
+                        })?;
+                        metrics.set_received(chunker.position().max(chunker.archived_from()));
                         metrics.server_lsn.set(wal_end.0.max(chunker.position().0));
                     }
                     ReplicationMessage::Keepalive { wal_end, reply_requested } => {
                         metrics.server_lsn.set(wal_end.0);
                         if reply_requested {
                             let w = *watermark_rx.borrow();
-                            conn.send_status(chunker.position(), w, w, false).await?;
+                            conn.send_status(chunker.position().max(w), w, w, false).await?;
                         }
                     }
                     ReplicationMessage::EndOfTimeline { next_timeline, next_start } => {
@@ -263,7 +273,7 @@ async fn session(
                         archive_history(&mut conn, &**store, next_timeline).await?;
                         tli = next_timeline;
                         start = next_start.segment_start(segment_size);
-                        chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, None, chunker.next_seq());
+                        chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, Bytes::new(), chunker.next_seq());
                         conn.start_replication(&cfg.slot, start, tli).await?;
                         metrics.timeline.set(tli.0 as u64);
                     }
@@ -289,7 +299,7 @@ async fn session(
     let upload_result = uploader.await.expect("uploader task");
     let w = *watermark_rx.borrow();
     if shutting_down {
-        let _ = conn.send_status(chunker.position(), w, w, false).await;
+        let _ = conn.send_status(chunker.position().max(w), w, w, false).await;
         tracing::info!(archived_lsn = %w, "all received WAL is archived; last feedback sent");
         conn.close().await;
     }
@@ -302,7 +312,12 @@ async fn session(
 }
 
 /// Where to start streaming: `(timeline, lsn)`. See the module doc, step 4.
-fn choose_start(catalog: &WalCatalog, server: &Server, restart: Lsn, restart_tli: Option<TimelineId>) -> (TimelineId, Lsn) {
+fn choose_start(
+    catalog: &WalCatalog,
+    server: &Server,
+    restart: Lsn,
+    restart_tli: Option<TimelineId>,
+) -> (TimelineId, Lsn) {
     let seg = server.segment_size;
     let mut tli = restart_tli.unwrap_or_else(|| server.history.timeline_of(restart, server.system.timeline));
     let mut from = restart.segment_start(seg);
@@ -329,15 +344,20 @@ fn choose_start(catalog: &WalCatalog, server: &Server, restart: Lsn, restart_tli
     }
 }
 
-/// Bytes of `start`'s segment before `start`, read back from the archive, so that the segment
-/// can be written whole once it completes. `None` if they cannot be had.
-async fn load_prefix(store: &dyn ObjectStore, catalog: &WalCatalog, tli: TimelineId, start: Lsn) -> Result<Option<Vec<Bytes>>> {
+/// Bytes of `start`'s segment before `start`, read back from the archive. `None` if they
+/// cannot be had.
+async fn load_prefix(
+    store: &dyn ObjectStore,
+    catalog: &WalCatalog,
+    tli: TimelineId,
+    start: Lsn,
+) -> Result<Option<Bytes>> {
     let seg_start = start.segment_start(catalog.segment_size);
     if seg_start == start {
-        return Ok(Some(Vec::new()));
+        return Ok(Some(Bytes::new()));
     }
     let Ok(pieces) = catalog.pieces_for(tli, seg_start, start) else { return Ok(None) };
-    let mut out = Vec::new();
+    let mut out = bytes::BytesMut::new();
     let mut pos = seg_start;
     for p in pieces {
         let raw = store.get(&p.key).await?;
@@ -347,10 +367,10 @@ async fn load_prefix(store: &dyn ObjectStore, catalog: &WalCatalog, tli: Timelin
         if d.content.len() < to {
             bail!("object {} is shorter than its name says", p.key);
         }
-        out.push(Bytes::copy_from_slice(&d.content[from..to]));
+        out.extend_from_slice(&d.content[from..to]);
         pos = p.end.min(start);
     }
-    Ok(Some(out))
+    Ok(Some(out.freeze()))
 }
 
 /// Archive the history files of `tli` and its ancestors; returns `tli`'s history.

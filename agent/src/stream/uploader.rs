@@ -184,11 +184,12 @@ async fn upload(
     let level = cfg.zstd_level;
     let meta_c = meta.clone();
     let content = data.clone();
-    let object: Bytes = tokio::task::spawn_blocking(move || envelope::encode(kind, &meta_c, &content, Compression::Zstd, level))
-        .await
-        .expect("encode task")
-        .into();
-    let policy = RetryPolicy { initial: Duration::from_millis(200), max: Duration::from_secs(30), max_attempts: None };
+    let object: Bytes =
+        tokio::task::spawn_blocking(move || envelope::encode(kind, &meta_c, &content, Compression::Zstd, level))
+            .await
+            .expect("encode task")
+            .into();
+    let policy = RetryPolicy { initial: Duration::from_millis(200), max: Duration::from_secs(10), max_attempts: None };
     let mut attempt = 0u32;
     loop {
         attempt += 1;

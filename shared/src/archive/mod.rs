@@ -39,7 +39,12 @@ pub enum PutOnceError {
 }
 
 /// Put `object` (an encoded envelope whose plain content is `content`) under `key` write-once.
-pub async fn put_once(store: &dyn ObjectStore, key: &str, object: Bytes, content: &[u8]) -> Result<PutOutcome, PutOnceError> {
+pub async fn put_once(
+    store: &dyn ObjectStore,
+    key: &str,
+    object: Bytes,
+    content: &[u8],
+) -> Result<PutOutcome, PutOnceError> {
     match store.put(key, object, PutMode::IfAbsent).await {
         Ok(()) => Ok(PutOutcome::Written),
         Err(StorageError::AlreadyExists { .. }) => {

@@ -108,7 +108,12 @@ impl WalCatalog {
         }
         // Chunks never cross a segment, so only chunks starting in this segment can hold lsn.
         let seg_start = seg.start_lsn(self.segment_size);
-        t.chunks.range(seg_start..=lsn).flat_map(|(_, v)| v.iter()).filter(|p| p.end > lsn).max_by_key(|p| p.end).cloned()
+        t.chunks
+            .range(seg_start..=lsn)
+            .flat_map(|(_, v)| v.iter())
+            .filter(|p| p.end > lsn)
+            .max_by_key(|p| p.end)
+            .cloned()
     }
 
     /// The largest `x` such that `[from, x)` on `tli` is all in the archive (`from` itself if

@@ -1,5 +1,6 @@
 //! walvault's integration tests: one test binary, one module per topic (ripgrep's layout).
 //! Every test runs against real services started by the harness (`walvault-tests`).
 
+mod agent_stream;
 mod harness;
 mod storage_conformance;
