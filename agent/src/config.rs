@@ -61,6 +61,16 @@ pub struct FileConfig {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub s3_force_path_style: Option<bool>,
+    /// Take a base backup this often (e.g. "24h").
+    #[serde(default, with = "humantime_serde")]
+    pub backup_interval: Option<Duration>,
+    /// Take a base backup every day at this UTC time ("HH:MM").
+    pub backup_at: Option<String>,
+    /// Take a base backup once this much WAL has been archived since the last one ("10GiB").
+    pub backup_wal_volume: Option<String>,
+    pub backup_part_size: Option<String>,
+    pub retain_full: Option<usize>,
+    pub retain_days: Option<u32>,
 }
 
 impl FileConfig {
@@ -79,6 +89,26 @@ pub struct RunSettings {
     pub listen: Option<String>,
     pub log_json: bool,
     pub s3: walvault_shared::storage::s3::S3Options,
+    pub schedule: Schedule,
+    pub backup: crate::basebackup::BackupConfig,
+    pub retention: crate::retention::RetentionPolicy,
+}
+
+/// When `run` takes base backups. The first backup is taken as soon as streaming works when
+/// the archive has none.
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    pub interval: Option<Duration>,
+    pub daily_at: Option<chrono::NaiveTime>,
+    pub wal_volume: Option<u64>,
+    /// Take a first backup when the archive has none (on unless backups are disabled).
+    pub initial: bool,
+}
+
+/// Parse "HH:MM" (UTC).
+pub fn parse_daily_time(s: &str) -> Result<chrono::NaiveTime> {
+    chrono::NaiveTime::parse_from_str(s, "%H:%M")
+        .with_context(|| format!("invalid daily time {s:?}; use HH:MM (UTC), e.g. 02:30"))
 }
 
 pub fn validate_stream(c: &StreamConfig) -> Result<()> {

@@ -4,10 +4,13 @@
 //! (cannot connect at start, another cluster's archive, split brain, refused password, …);
 //! 2 usage or configuration error.
 
+mod basebackup;
 mod config;
 mod http;
 mod metrics;
 mod replication;
+mod retention;
+mod schedule;
 mod stream;
 
 use std::path::PathBuf;
@@ -33,8 +36,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Stream WAL continuously (until SIGINT/SIGTERM).
+    /// Stream WAL continuously (until SIGINT/SIGTERM); take scheduled base backups.
     Run(RunArgs),
+    /// Take one base backup now and exit 0 once it is complete (needs `run` streaming into the same archive).
+    Backup(BackupArgs),
+    /// Apply retention now: delete expired backups and the WAL only they needed.
+    Expire(ExpireArgs),
+}
+
+#[derive(Args, Debug)]
+struct RetentionArgs {
+    /// Keep the newest N full backups.
+    #[arg(long, env = "WALVAULT_RETAIN_FULL")]
+    retain_full: Option<usize>,
+    /// Keep what is needed to recover to any point in the last D days.
+    #[arg(long, env = "WALVAULT_RETAIN_DAYS")]
+    retain_days: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+struct ExpireArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +119,26 @@ struct RunArgs {
     /// Address buckets as endpoint/bucket (MinIO, SeaweedFS, Ceph, most self-hosted stores).
     #[arg(long, env = "WALVAULT_S3_FORCE_PATH_STYLE")]
     s3_force_path_style: bool,
+    /// Take a base backup this often (e.g. 24h).
+    #[arg(long, env = "WALVAULT_BACKUP_INTERVAL", value_parser = humantime::parse_duration)]
+    backup_interval: Option<Duration>,
+    /// Take a base backup every day at this UTC time (HH:MM).
+    #[arg(long, env = "WALVAULT_BACKUP_AT")]
+    backup_at: Option<String>,
+    /// Take a base backup once this much WAL was archived since the last one (e.g. 10GiB).
+    #[arg(long, env = "WALVAULT_BACKUP_WAL_VOLUME")]
+    backup_wal_volume: Option<String>,
+    /// Do not take base backups from `run` (not even the first one).
+    #[arg(long, env = "WALVAULT_NO_BACKUPS")]
+    no_backups: bool,
+    /// Base backup part size [default: 64MiB].
+    #[arg(long, env = "WALVAULT_BACKUP_PART_SIZE")]
+    backup_part_size: Option<String>,
+    /// Spread the backup's checkpoint instead of a fast one.
+    #[arg(long, env = "WALVAULT_SPREAD_CHECKPOINT")]
+    spread_checkpoint: bool,
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 /// A usage or configuration error: exit code 2.
@@ -130,7 +185,39 @@ fn settings(a: RunArgs) -> Result<RunSettings, ConfigError> {
             force_path_style: a.s3_force_path_style || file.s3_force_path_style.unwrap_or(false),
             ..Default::default()
         };
-        Ok(RunSettings { pg_url, archive, stream, listen: a.listen.or(file.listen), log_json, s3 })
+        let backup_at = a.backup_at.or(file.backup_at).map(|s| config::parse_daily_time(&s)).transpose()?;
+        let wal_volume = a.backup_wal_volume.or(file.backup_wal_volume).map(|s| config::parse_bytes(&s)).transpose()?;
+        let schedule = config::Schedule {
+            interval: a.backup_interval.or(file.backup_interval),
+            daily_at: backup_at,
+            wal_volume: wal_volume.map(|v| v as u64),
+            initial: !a.no_backups,
+        };
+        let bd = basebackup::BackupConfig::default();
+        let backup = basebackup::BackupConfig {
+            part_size: match a.backup_part_size.or(file.backup_part_size) {
+                Some(s) => config::parse_bytes(&s)?.max(1 << 20),
+                None => bd.part_size,
+            },
+            fast_checkpoint: !a.spread_checkpoint,
+            ..bd
+        };
+        let retention = retention::RetentionPolicy {
+            retain_full: a.retention.retain_full.or(file.retain_full),
+            retain_days: a.retention.retain_days.or(file.retain_days),
+        };
+        let schedule = if a.no_backups { config::Schedule::default() } else { schedule };
+        Ok(RunSettings {
+            pg_url,
+            archive,
+            stream,
+            listen: a.listen.or(file.listen),
+            log_json,
+            s3,
+            schedule,
+            backup,
+            retention,
+        })
     };
     inner().map_err(ConfigError)
 }
@@ -169,12 +256,67 @@ async fn run_agent(s: RunSettings) -> Result<()> {
         std::process::exit(1);
     });
     tracing::info!(archive = %store.url(), server = %params.describe(), slot = %s.stream.slot, "walvault-agent starting");
+    if s.schedule.initial
+        || s.schedule.interval.is_some()
+        || s.schedule.daily_at.is_some()
+        || s.schedule.wal_volume.is_some()
+    {
+        tokio::spawn(schedule::run(params.clone(), store.clone(), s.schedule, s.backup, s.retention, metrics.clone()));
+    }
     stream::run(params, store, s.stream, metrics, stop_rx).await
+}
+
+async fn backup_once(s: RunSettings) -> Result<()> {
+    let params = ConnParams::parse_with_process_env(&s.pg_url).map_err(ConfigError)?;
+    let store = walvault_shared::storage::open(&s.archive, &s.s3).await?;
+    let d = basebackup::take_backup(&params, store.clone(), &s.backup).await?;
+    println!("{}", serde_json::to_string_pretty(&d)?);
+    if s.retention.is_set() {
+        retention::expire(&*store, d.wal_segment_size, &s.retention, false).await?;
+    }
+    Ok(())
+}
+
+async fn expire_once(s: RunSettings, dry_run: bool, json: bool) -> Result<()> {
+    let store = walvault_shared::storage::open(&s.archive, &s.s3).await?;
+    let id = walvault_shared::archive::identity::load(&*store).await?.context(
+        "the archive has no walvault.repository: nothing was ever archived there\nHINT: check the archive URL",
+    )?;
+    if !s.retention.is_set() {
+        return Err(ConfigError(anyhow::anyhow!(
+            "no retention policy given\nHINT: --retain-full N and/or --retain-days D (or retain_full/retain_days in the config file)"
+        ))
+        .into());
+    }
+    let r = retention::expire(&*store, id.wal_segment_size, &s.retention, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}kept {} backups, deleted {} ({}), WAL cutoff {}, deleted {} WAL objects",
+            if dry_run { "dry run: " } else { "" },
+            r.kept_backups.len(),
+            r.deleted_backups.len(),
+            r.deleted_backups.join(", "),
+            r.wal_cutoff.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            r.deleted_wal_objects
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Cmd::Run(args) = cli.cmd;
+    enum Action {
+        Run,
+        Backup,
+        Expire { dry_run: bool, json: bool },
+    }
+    let (args, action) = match cli.cmd {
+        Cmd::Run(a) => (a, Action::Run),
+        Cmd::Backup(b) => (b.run, Action::Backup),
+        Cmd::Expire(e) => (e.run, Action::Expire { dry_run: e.dry_run, json: e.json }),
+    };
     let s = match settings(args) {
         Ok(s) => s,
         Err(e) => {
@@ -184,7 +326,14 @@ fn main() -> ExitCode {
     };
     init_logging(s.log_json);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(run_agent(s)) {
+    let fut = async move {
+        match action {
+            Action::Run => run_agent(s).await,
+            Action::Backup => backup_once(s).await,
+            Action::Expire { dry_run, json } => expire_once(s, dry_run, json).await,
+        }
+    };
+    match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };

@@ -17,6 +17,11 @@
 //! | `walvault_upload_errors_total` | counter | uploads that failed for good (split brain) |
 //! | `walvault_reconnects_total` | counter | replication connections re-opened |
 //! | `walvault_up` | gauge | 1 while a replication connection is streaming |
+//! | `walvault_last_backup_timestamp_seconds` | gauge | when the last base backup finished |
+//! | `walvault_last_backup_duration_seconds` | gauge | how long it took |
+//! | `walvault_last_backup_bytes` | gauge | its size (database bytes) |
+//! | `walvault_next_backup_timestamp_seconds` | gauge | when the next scheduled backup is due |
+//! | `walvault_backups_total`, `walvault_backup_failures_total` | counter | backups taken / failed |
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +75,13 @@ pub struct Metrics {
     behind_since_ms: Gauge,
     last_error: Mutex<Option<(String, String)>>,
     pub system_identifier: Gauge,
+    pub segment_size: Gauge,
+    pub last_backup_unix: Gauge,
+    pub last_backup_seconds: Gauge,
+    pub last_backup_bytes: Gauge,
+    pub next_backup_unix: Gauge,
+    pub backups_taken: Counter,
+    pub backup_failures: Counter,
     pub archive_url: Mutex<String>,
 }
 
@@ -150,10 +162,33 @@ impl Metrics {
         g("upload_errors_total", "Uploads that failed for good.", "counter", self.upload_errors.get() as f64);
         g("reconnects_total", "Replication connections re-opened.", "counter", self.reconnects.get() as f64);
         g("up", "1 while a replication connection is streaming.", "gauge", self.up.get() as f64);
+        g(
+            "last_backup_timestamp_seconds",
+            "When the last base backup finished (Unix time, 0: none).",
+            "gauge",
+            self.last_backup_unix.get() as f64,
+        );
+        g(
+            "last_backup_duration_seconds",
+            "How long the last base backup took.",
+            "gauge",
+            self.last_backup_seconds.get() as f64 / 1000.0,
+        );
+        g("last_backup_bytes", "Database bytes in the last base backup.", "gauge", self.last_backup_bytes.get() as f64);
+        g(
+            "next_backup_timestamp_seconds",
+            "When the next scheduled base backup is due (Unix time, 0: none scheduled).",
+            "gauge",
+            self.next_backup_unix.get() as f64,
+        );
+        g("backups_total", "Base backups taken by this process.", "counter", self.backups_taken.get() as f64);
+        g("backup_failures_total", "Base backups that failed.", "counter", self.backup_failures.get() as f64);
         s
     }
 
     pub fn status_json(&self) -> serde_json::Value {
+        let ts =
+            |t: u64| (t > 0).then(|| chrono::DateTime::from_timestamp(t as i64, 0).map(|d| d.to_rfc3339())).flatten();
         let last_error = self.last_error.lock().unwrap().clone();
         serde_json::json!({
             "archive": *self.archive_url.lock().unwrap(),
@@ -170,6 +205,11 @@ impl Metrics {
             "segments_archived": self.segments_archived.get(),
             "upload_retries": self.upload_retries.get(),
             "reconnects": self.reconnects.get(),
+            "last_backup_at": ts(self.last_backup_unix.get()),
+            "last_backup_seconds": self.last_backup_seconds.get() as f64 / 1000.0,
+            "last_backup_bytes": self.last_backup_bytes.get(),
+            "next_backup_at": ts(self.next_backup_unix.get()),
+            "backups_taken": self.backups_taken.get(),
             "last_error": last_error.map(|(t, e)| serde_json::json!({"at": t, "message": e})),
         })
     }

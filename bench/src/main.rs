@@ -120,7 +120,10 @@ impl Archiver {
 }
 
 async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
-    let pg = PgCluster::start_new("bench", PgOptions { settings: vec!["max_wal_size = '4GB'".into()], ..Default::default() })?;
+    let pg = PgCluster::start_new(
+        "bench",
+        PgOptions { settings: vec!["max_wal_size = '4GB'".into()], ..Default::default() },
+    )?;
     let out_dir = pg.dir.join("archive");
     std::fs::create_dir_all(&out_dir)?;
     walvault_tests::pg::chown_to_pg(&out_dir)?;
@@ -135,10 +138,22 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
         Archiver::PgReceivewal => {
             pg.execute("SELECT pg_create_physical_replication_slot('bench', true)").await?;
             let mut c = pg_command(&pg_program("pg_receivewal")?)?;
-            c.args(["-D", out_dir.to_str().unwrap(), "-S", "bench", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-n"])
-                .env("PGAPPNAME", app)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            c.args([
+                "-D",
+                out_dir.to_str().unwrap(),
+                "-S",
+                "bench",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-n",
+            ])
+            .env("PGAPPNAME", app)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
             c.spawn()?
         }
     };
@@ -147,7 +162,11 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
     // Wait for the archiver to stream.
     let t0 = Instant::now();
     loop {
-        let rows = client.simple_query(&format!("SELECT 1 FROM pg_stat_replication WHERE application_name = '{app}' AND state = 'streaming'")).await?;
+        let rows = client
+            .simple_query(&format!(
+                "SELECT 1 FROM pg_stat_replication WHERE application_name = '{app}' AND state = 'streaming'"
+            ))
+            .await?;
         if rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))) {
             break;
         }
@@ -190,9 +209,12 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
     loop {
         let now = Instant::now();
         let rows = client.simple_query(&q).await?;
-        if let Some(tokio_postgres::SimpleQueryMessage::Row(r)) = rows.first() {
-            let s: Lsn = r.get(0).unwrap().parse()?;
-            let f: Lsn = r.get(1).unwrap().parse()?;
+        if let Some(r) = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        }) {
+            let s: Lsn = r.get(0).unwrap_or("0/0").parse()?;
+            let f: Lsn = r.get(1).unwrap_or("0/0").parse()?;
             samples.push((now, s.0, f.0));
         }
         if load.is_finished() && done_at.is_none() {
@@ -200,8 +222,8 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
         }
         // After the load, wait until caught up (or 60 s).
         if let Some(d) = done_at {
-            let (_, s, f) = *samples.last().unwrap();
-            if f >= s || now - d > Duration::from_secs(60) {
+            let caught_up = samples.last().is_some_and(|&(_, s, f)| f >= s);
+            if caught_up || now - d > Duration::from_secs(60) {
                 break;
             }
         }
@@ -248,7 +270,10 @@ async fn main() -> Result<()> {
             }
         }
     };
-    let archivers = [Archiver::Walvault { agent: agent.clone(), chunk_interval: cli.chunk_interval.clone() }, Archiver::PgReceivewal];
+    let archivers = [
+        Archiver::Walvault { agent: agent.clone(), chunk_interval: cli.chunk_interval.clone() },
+        Archiver::PgReceivewal,
+    ];
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(), Vec::new()];
     for run in 0..cli.runs {
         for (i, a) in archivers.iter().enumerate() {
@@ -260,8 +285,18 @@ async fn main() -> Result<()> {
     use std::fmt::Write;
     let gib = (1u64 << 30) as f64;
     writeln!(report, "# WAL streaming under pgbench: walvault-agent vs pg_receivewal\n")?;
-    writeln!(report, "date: {}; machine: {} cores; agent: {}", chrono::Utc::now().to_rfc3339(), std::thread::available_parallelism()?.get(), agent.display())?;
-    writeln!(report, "workload: pgbench -i -s {} then pgbench -T {} -c 2; walvault chunk_interval {}; medians of {} runs\n", cli.scale, cli.seconds, cli.chunk_interval, cli.runs)?;
+    writeln!(
+        report,
+        "date: {}; machine: {} cores; agent: {}",
+        chrono::Utc::now().to_rfc3339(),
+        std::thread::available_parallelism()?.get(),
+        agent.display()
+    )?;
+    writeln!(
+        report,
+        "workload: pgbench -i -s {} then pgbench -T {} -c 2; walvault chunk_interval {}; medians of {} runs\n",
+        cli.scale, cli.seconds, cli.chunk_interval, cli.runs
+    )?;
     writeln!(report, "| archiver | lag p50 s | lag p99 s | lag max s | lag p99 MiB | lag max MiB | CPU s/GiB WAL | peak RSS MiB | stored/WAL | pgbench tps |")?;
     writeln!(report, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut rows = Vec::new();
@@ -282,13 +317,26 @@ async fn main() -> Result<()> {
         writeln!(
             report,
             "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} | {:.3} | {:.0} |",
-            a.name(), row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]
+            a.name(),
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8]
         )?;
         rows.push(row);
     }
     writeln!(report, "\nratios walvault / pg_receivewal: lag p99 {:.2}, lag max {:.2}, CPU per GiB {:.2}, peak RSS {:.2}, stored bytes {:.2}, tps {:.2}",
         rows[0][1] / rows[1][1], rows[0][2] / rows[1][2], rows[0][5] / rows[1][5], rows[0][6] / rows[1][6], rows[0][7] / rows[1][7], rows[0][8] / rows[1][8])?;
-    writeln!(report, "WAL per run (median): {:.0} MiB", median(results[0].iter().map(|x| x.wal_bytes as f64 / (1 << 20) as f64).collect()))?;
+    writeln!(
+        report,
+        "WAL per run (median): {:.0} MiB",
+        median(results[0].iter().map(|x| x.wal_bytes as f64 / (1 << 20) as f64).collect())
+    )?;
     print!("{report}");
     if let Some(p) = cli.out {
         std::fs::write(p, &report)?;

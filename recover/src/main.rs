@@ -1,12 +1,322 @@
-//! `walvault-recover`: restore, restore_command, audit and drills. Not implemented yet: this
-//! binary only says so (see the README's status). Exit code 2 so no script mistakes it for a
-//! working restore.
+//! `walvault-recover`: list what an archive can restore, restore a base backup plus WAL to a
+//! point in time, and serve as PostgreSQL's `restore_command` (`wal-fetch`).
+//!
+//! Exit codes: 0 success; 1 failure (the message says what and gives a hint); 2 usage error.
+//! `wal-fetch` has its own (see `walfetch.rs`): 0 written, 1 not in the archive, 126 could not
+//! fetch.
+//!
+//! Not implemented yet: `audit`, `verify`, prefetching in `wal-fetch`, `--start`.
 
+mod restore;
+mod walfetch;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "walvault-recover: not implemented yet (list, restore, wal-fetch, audit and verify are planned; see README.md, \"Status\")"
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use walvault_shared::archive::backup::{self, BackupEntry};
+use walvault_shared::archive::walcat::WalCatalog;
+use walvault_shared::lsn::{Lsn, TimelineId};
+use walvault_shared::storage::s3::S3Options;
+
+#[derive(Parser)]
+#[command(
+    name = "walvault-recover",
+    version,
+    about = "Restore PostgreSQL from a walvault archive.",
+    after_help = "Exit codes: 0 success; 1 failure; 2 usage error. wal-fetch: 0 written, 1 not in the archive, 126 could not fetch."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ArchiveArgs {
+    /// Archive: file:///path, a plain path, or s3://bucket/prefix.
+    #[arg(long, env = "WALVAULT_ARCHIVE")]
+    archive: String,
+    #[arg(long, env = "WALVAULT_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "WALVAULT_S3_REGION")]
+    s3_region: Option<String>,
+    #[arg(long, env = "WALVAULT_S3_FORCE_PATH_STYLE")]
+    s3_force_path_style: bool,
+}
+
+impl ArchiveArgs {
+    fn s3(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            ..Default::default()
+        }
+    }
+    /// The same settings as wal-fetch flags (no secrets).
+    fn as_flags(&self) -> String {
+        let mut s = format!("--archive '{}'", self.archive);
+        if let Some(e) = &self.s3_endpoint {
+            s.push_str(&format!(" --s3-endpoint '{e}'"));
+        }
+        if let Some(r) = &self.s3_region {
+            s.push_str(&format!(" --s3-region '{r}'"));
+        }
+        if self.s3_force_path_style {
+            s.push_str(" --s3-force-path-style");
+        }
+        s
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Backups, timelines and the recoverable window.
+    List {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a base backup and set up recovery to a target.
+    Restore(RestoreArgs),
+    /// PostgreSQL restore_command: fetch WALFILE (%f) into DEST (%p).
+    WalFetch {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        walfile: String,
+        dest: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    #[command(flatten)]
+    archive: ArchiveArgs,
+    /// Data directory to restore into (must be empty unless --force).
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// Recover to this time (RFC 3339 or PostgreSQL's text, with a zone).
+    #[arg(long, group = "target")]
+    target_time: Option<String>,
+    #[arg(long, group = "target")]
+    target_lsn: Option<String>,
+    #[arg(long, group = "target")]
+    target_xid: Option<u64>,
+    /// A restore point made with pg_create_restore_point().
+    #[arg(long, group = "target")]
+    target_name: Option<String>,
+    /// Recover everything archived.
+    #[arg(long, group = "target")]
+    latest: bool,
+    /// What to do at the target: promote, pause or shutdown.
+    #[arg(long, default_value = "promote")]
+    target_action: String,
+    /// Timeline to recover along (default: the latest descending from the backup's).
+    #[arg(long)]
+    target_timeline: Option<u32>,
+    /// Stop just after (true) or just before (false) the target.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    inclusive: bool,
+    /// Empty a non-empty PGDATA first.
+    #[arg(long)]
+    force: bool,
+    /// Give the restored directory to this user (when running as root).
+    #[arg(long)]
+    owner: Option<String>,
+    /// Restore this backup instead of choosing one.
+    #[arg(long)]
+    backup: Option<String>,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+}
+
+async fn list(a: ArchiveArgs, json: bool) -> Result<()> {
+    let store = walvault_shared::storage::open_existing(&a.archive, &a.s3()).await?;
+    let id = walvault_shared::archive::identity::load(&*store).await?.with_context(|| {
+        format!(
+            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix",
+            store.url()
+        )
+    })?;
+    let seg = id.wal_segment_size;
+    let entries = backup::list(&*store, seg).await?;
+    let cat = WalCatalog::load(&*store, seg).await?;
+    let mut backups = Vec::new();
+    let mut incomplete = Vec::new();
+    for e in &entries {
+        match e {
+            BackupEntry::Complete(d) => backups.push(serde_json::json!({
+                "id": d.id, "start_lsn": d.start_lsn, "stop_lsn": d.stop_lsn, "timeline": d.timeline,
+                "start_time": d.start_time, "stop_time": d.stop_time, "raw_bytes": d.raw_bytes, "stored_bytes": d.stored_bytes,
+            })),
+            BackupEntry::Incomplete { id, .. } => incomplete.push(id.clone()),
+        }
+    }
+    let complete: Vec<_> =
+        entries.iter().filter_map(|e| if let BackupEntry::Complete(d) = e { Some(d) } else { None }).collect();
+    let mut timelines = Vec::new();
+    for tli in cat.timelines.keys() {
+        let ranges: Vec<_> =
+            cat.ranges(*tli).into_iter().map(|(s, e)| serde_json::json!({"start": s, "end": e})).collect();
+        let earliest = complete.iter().filter(|b| b.timeline <= *tli).map(|b| b.stop_lsn).min();
+        let latest = match complete.iter().filter(|b| b.timeline <= *tli).min_by_key(|b| b.start_lsn) {
+            Some(b) => {
+                let path = restore::timeline_path(&*store, b, *tli).await.ok();
+                path.map(|p| restore::reachable_end(&cat, &p)).filter(|(t, _)| t == tli).map(|(_, l)| l)
+            }
+            None => None,
+        };
+        timelines.push(serde_json::json!({
+            "timeline": tli, "history_file": cat.histories.contains(tli), "wal_ranges": ranges,
+            "recoverable_from_lsn": earliest, "recoverable_to_lsn": latest,
+        }));
+    }
+    let out = serde_json::json!({
+        "archive": store.url(), "system_identifier": id.system_identifier, "pg_major": id.pg_major,
+        "wal_segment_size": seg, "backups": backups, "incomplete_backups": incomplete, "timelines": timelines,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "archive {} (system {}, PostgreSQL {}, {} MiB segments)",
+        store.url(),
+        id.system_identifier,
+        id.pg_major,
+        seg >> 20
     );
-    ExitCode::from(2)
+    println!("\nbackups:");
+    if complete.is_empty() {
+        println!("  (none complete)");
+    }
+    for b in &complete {
+        println!(
+            "  {}  timeline {}  {} .. {}  stopped {}  {} MiB (stored {} MiB)",
+            b.id,
+            b.timeline,
+            b.start_lsn,
+            b.stop_lsn,
+            b.stop_time,
+            b.raw_bytes >> 20,
+            b.stored_bytes >> 20
+        );
+    }
+    for i in &incomplete {
+        println!("  {i}  INCOMPLETE (interrupted or running)");
+    }
+    println!("\ntimelines:");
+    for t in &timelines {
+        println!(
+            "  {}  WAL {}  recoverable from {} to {}",
+            t["timeline"],
+            t["wal_ranges"]
+                .as_array()
+                .map(|r| r
+                    .iter()
+                    .map(|x| format!("{}..{}", x["start"].as_str().unwrap_or("?"), x["end"].as_str().unwrap_or("?")))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            t["recoverable_from_lsn"].as_str().unwrap_or("-"),
+            t["recoverable_to_lsn"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+async fn do_restore(a: RestoreArgs) -> Result<()> {
+    let target = if let Some(t) = &a.target_time {
+        restore::Target::Time(restore::parse_time(t)?)
+    } else if let Some(l) = &a.target_lsn {
+        restore::Target::Lsn(l.parse::<Lsn>()?)
+    } else if let Some(x) = a.target_xid {
+        restore::Target::Xid(x)
+    } else if let Some(n) = &a.target_name {
+        restore::Target::Name(n.clone())
+    } else if a.latest {
+        restore::Target::Latest
+    } else {
+        bail!("no recovery target\nHINT: give exactly one of --target-time, --target-lsn, --target-xid, --target-name, --latest");
+    };
+    if !["promote", "pause", "shutdown"].contains(&a.target_action.as_str()) {
+        bail!("invalid --target-action {:?}: use promote, pause or shutdown", a.target_action);
+    }
+    let exe = std::env::current_exe()?.canonicalize()?;
+    let archive_url = match walvault_shared::storage::RepoUrl::parse(&a.archive.archive)? {
+        // restore_command runs in the data directory: make a local path absolute.
+        walvault_shared::storage::RepoUrl::Local(p) => {
+            let abs = if p.is_absolute() { p } else { std::env::current_dir()?.join(p) };
+            format!("file://{}", abs.display())
+        }
+        _ => a.archive.archive.clone(),
+    };
+    let archive = ArchiveArgs { archive: archive_url, ..a.archive.clone() };
+    let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+    let opts = restore::RestoreOptions {
+        pgdata: a.pgdata.clone(),
+        target,
+        action: a.target_action.clone(),
+        target_timeline: a.target_timeline.map(TimelineId),
+        inclusive: a.inclusive,
+        force: a.force,
+        owner: a.owner.clone(),
+        backup_id: a.backup.clone(),
+        wal_fetch_command: format!("\"{}\" wal-fetch {}", exe.display(), archive.as_flags()),
+        parallel: a.parallel,
+    };
+    let r = restore::restore(store, &opts).await?;
+    println!(
+        "restored backup {} ({} MiB in {:.1} s, {:.0} MiB/s) into {}; WAL is archived up to {} on timeline {}.\nStart PostgreSQL on it to recover to the target: pg_ctl -D {} start",
+        r.backup.id,
+        r.bytes >> 20,
+        r.seconds,
+        (r.bytes as f64 / (1 << 20) as f64) / r.seconds.max(0.001),
+        a.pgdata.display(),
+        r.reachable.1,
+        r.reachable.0,
+        a.pgdata.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match cli.cmd {
+        Cmd::WalFetch { archive, walfile, dest } => {
+            let r: Result<walfetch::Fetched> = rt.block_on(async {
+                let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+                let id = walvault_shared::archive::identity::load(&*store).await?.context("not a walvault archive")?;
+                walfetch::fetch(&*store, &walfile, &dest, id.wal_segment_size).await
+            });
+            match r {
+                Ok(walfetch::Fetched::Written) => ExitCode::SUCCESS,
+                Ok(walfetch::Fetched::NotInArchive) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("walvault-recover wal-fetch {walfile}: {e:#}");
+                    ExitCode::from(126)
+                }
+            }
+        }
+        cmd => {
+            let r = rt.block_on(async {
+                match cmd {
+                    Cmd::List { archive, json } => list(archive, json).await,
+                    Cmd::Restore(a) => do_restore(a).await,
+                    Cmd::WalFetch { .. } => unreachable!(),
+                }
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("walvault-recover: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

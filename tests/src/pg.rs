@@ -170,6 +170,21 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// A new empty directory for a cluster (mode 0700, owned by the PostgreSQL user), under the
+    /// test root: restore targets.
+    pub fn fresh_dir(name: &str) -> Result<PathBuf> {
+        let dir = test_root()?.join(format!("pg-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        chown_to_pg(&dir)?;
+        Ok(dir)
+    }
+
+    /// The name of the PostgreSQL user (for `--owner`).
+    pub fn pg_user_name() -> String {
+        std::env::var("WALVAULT_TEST_PG_USER").unwrap_or_else(|_| "walvault-pg".into())
+    }
+
     /// A streaming standby of `primary` (pg_basebackup -R), started.
     pub fn start_standby_of(primary: &PgCluster, name: &str) -> Result<Self> {
         let dir = test_root()?.join(format!("pg-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));

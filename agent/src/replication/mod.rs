@@ -526,6 +526,149 @@ fn describe(m: &backend::Message) -> &'static str {
     }
 }
 
+/// A tablespace a base backup covers (`None` location: the main data directory).
+#[derive(Debug, Clone)]
+pub struct TablespaceInfo {
+    pub oid: Option<u32>,
+    pub location: Option<String>,
+    /// Estimated size in bytes, when PROGRESS was requested.
+    pub size: Option<u64>,
+}
+
+/// One event of a `BASE_BACKUP` stream (PostgreSQL 15+ "client" target: one COPY stream
+/// whose CopyData messages start with a type byte).
+#[derive(Debug)]
+pub enum BackupEvent {
+    /// `n`: a new tar archive begins (`base.tar`, or `OID.tar` for a tablespace).
+    Archive { name: String, location: String },
+    /// `d`: content of the current archive, or of the manifest after [`BackupEvent::Manifest`].
+    Data(Bytes),
+    /// `p`: bytes the server has sent so far.
+    Progress(u64),
+    /// `m`: the backup manifest follows.
+    Manifest,
+    /// CopyDone and the end-position result: the backup is complete.
+    End { lsn: Lsn, timeline: TimelineId },
+}
+
+impl Connection {
+    /// Start `BASE_BACKUP` (no WAL, manifest with CRC32C checksums, progress). Returns the start
+    /// position and timeline and the tablespace list; then read [`Connection::base_backup_next`]
+    /// until [`BackupEvent::End`].
+    pub async fn base_backup_start(
+        &mut self,
+        label: &str,
+        fast: bool,
+    ) -> Result<(Lsn, TimelineId, Vec<TablespaceInfo>)> {
+        let sql = format!(
+            "BASE_BACKUP (LABEL '{}', PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')",
+            label.replace('\'', "''"),
+            if fast { "fast" } else { "spread" }
+        );
+        frontend::query(&sql, &mut self.wbuf)?;
+        self.flush().await?;
+        let mut results: Vec<Vec<Row>> = Vec::new();
+        let mut current: Vec<Row> = Vec::new();
+        loop {
+            match self.read_message().await? {
+                Msg::Backend(backend::Message::DataRow(r)) => {
+                    let buf = r.buffer_bytes().clone();
+                    let mut ranges = r.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|rg| buf.slice(rg)));
+                    }
+                    current.push(row);
+                }
+                Msg::Backend(backend::Message::CommandComplete(_)) => results.push(std::mem::take(&mut current)),
+                Msg::Backend(backend::Message::CopyOutResponse(_)) => break,
+                Msg::Backend(backend::Message::ErrorResponse(e)) => {
+                    let err = PgError::from_fields(e.fields());
+                    loop {
+                        if let Msg::Backend(backend::Message::ReadyForQuery(_)) = self.read_message().await? {
+                            break;
+                        }
+                    }
+                    return Err(anyhow::Error::new(err).context("run BASE_BACKUP"));
+                }
+                _ => {}
+            }
+        }
+        let start_row = results.first().and_then(|r| r.first()).context("BASE_BACKUP sent no start position")?;
+        let lsn: Lsn = text(start_row, 0)?.parse().context("BASE_BACKUP start position")?;
+        let tli = TimelineId(text(start_row, 1)?.parse().context("BASE_BACKUP start timeline")?);
+        let mut tablespaces = Vec::new();
+        for row in results.get(1).map(Vec::as_slice).unwrap_or(&[]) {
+            tablespaces.push(TablespaceInfo {
+                oid: opt_text(row, 0)?.map(str::parse).transpose()?,
+                location: opt_text(row, 1)?.map(str::to_string),
+                size: opt_text(row, 2)?.map(|s| s.parse::<u64>().map(|kb| kb * 1024)).transpose()?,
+            });
+        }
+        Ok((lsn, tli, tablespaces))
+    }
+
+    /// The next event of a running `BASE_BACKUP`.
+    pub async fn base_backup_next(&mut self) -> Result<BackupEvent> {
+        loop {
+            match self.read_message().await? {
+                Msg::Backend(backend::Message::CopyData(body)) => {
+                    let mut data = body.into_bytes();
+                    if data.is_empty() {
+                        bail!("empty CopyData in BASE_BACKUP stream");
+                    }
+                    let kind = data[0];
+                    data.advance(1);
+                    return Ok(match kind {
+                        b'd' => BackupEvent::Data(data),
+                        b'p' if data.len() >= 8 => BackupEvent::Progress(data.get_u64()),
+                        b'm' => BackupEvent::Manifest,
+                        b'n' => {
+                            let mut parts = data.split(|b| *b == 0);
+                            let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                            let location = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                            BackupEvent::Archive { name, location }
+                        }
+                        t => bail!("unexpected BASE_BACKUP message type {:?}", t as char),
+                    });
+                }
+                Msg::Backend(backend::Message::CopyDone) => {
+                    let mut end: Option<(Lsn, TimelineId)> = None;
+                    loop {
+                        match self.read_message().await? {
+                            Msg::Backend(backend::Message::DataRow(r)) => {
+                                let buf = r.buffer_bytes().clone();
+                                let mut ranges = r.ranges();
+                                let mut row: Row = Vec::new();
+                                while let Some(range) = ranges.next()? {
+                                    row.push(range.map(|rg| buf.slice(rg)));
+                                }
+                                end = Some((text(&row, 0)?.parse()?, TimelineId(text(&row, 1)?.parse()?)));
+                            }
+                            Msg::Backend(backend::Message::ErrorResponse(e)) => {
+                                return Err(
+                                    anyhow::Error::new(PgError::from_fields(e.fields())).context("finish BASE_BACKUP")
+                                )
+                            }
+                            Msg::Backend(backend::Message::ReadyForQuery(_)) => break,
+                            _ => {}
+                        }
+                    }
+                    let (lsn, timeline) = end.context("BASE_BACKUP sent no end position")?;
+                    return Ok(BackupEvent::End { lsn, timeline });
+                }
+                Msg::Backend(backend::Message::ErrorResponse(e)) => {
+                    return Err(anyhow::Error::new(PgError::from_fields(e.fields())).context("BASE_BACKUP"))
+                }
+                Msg::Backend(backend::Message::NoticeResponse(_))
+                | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
+                Msg::Backend(other) => bail!("unexpected message in the BASE_BACKUP stream: {}", describe(&other)),
+                Msg::CopyBoth => bail!("unexpected CopyBothResponse in the BASE_BACKUP stream"),
+            }
+        }
+    }
+}
+
 enum Msg {
     Backend(backend::Message),
     CopyBoth,

@@ -166,6 +166,7 @@ async fn session(
     let ours = Identity::new(system.system_identifier, version / 10000, segment_size);
     identity::ensure(&**store, &ours).await.map_err(|e| anyhow::Error::new(Fatal(e)))?;
     metrics.system_identifier.set(system.system_identifier);
+    metrics.segment_size.set(segment_size);
 
     if cfg.create_slot && conn.create_physical_slot(&cfg.slot).await? {
         tracing::info!(slot = %cfg.slot, "created physical replication slot");

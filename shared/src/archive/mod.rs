@@ -5,6 +5,7 @@
 //! * [`identity`]: the repository's identity stamp, which keeps WAL of one cluster out of
 //!   another cluster's archive.
 
+pub mod backup;
 pub mod envelope;
 pub mod identity;
 pub mod names;

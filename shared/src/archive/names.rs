@@ -10,6 +10,7 @@
 //! | backup part | `backups/<backup id>/part-NNNNNN` | `backups/20261126T141500Z/part-000000` |
 //! | backup manifest | `backups/<backup id>/backup_manifest` | `backups/20261126T141500Z/backup_manifest` |
 //! | backup description | `backups/<backup id>/backup.json` | `backups/20261126T141500Z/backup.json` |
+//! | backup writer lock | `backups/<backup id>/backup.lock` | `backups/20261126T141500Z/backup.lock` |
 //!
 //! `TTTTTTTT` is the timeline in 8 upper-case hex digits; `<start>`/`<end>` are LSNs as 16
 //! upper-case hex digits, `end` exclusive, so chunks sort by position and a chunk's range is in
@@ -51,6 +52,10 @@ pub fn backup_description(id: &str) -> String {
     format!("backups/{id}/backup.json")
 }
 
+pub fn backup_lock(id: &str) -> String {
+    format!("backups/{id}/backup.lock")
+}
+
 /// What a key names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ArchiveKey {
@@ -61,6 +66,7 @@ pub enum ArchiveKey {
     BackupPart { id: String, n: u32 },
     BackupManifest { id: String },
     BackupDescription { id: String },
+    BackupLock { id: String },
 }
 
 /// Parse a key back into what it names; `None` for a key that is not in the catalogue.
@@ -105,6 +111,7 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
         return match file {
             "backup_manifest" => Some(ArchiveKey::BackupManifest { id }),
             "backup.json" => Some(ArchiveKey::BackupDescription { id }),
+            "backup.lock" => Some(ArchiveKey::BackupLock { id }),
             _ => {
                 let n = file.strip_prefix("part-")?;
                 if n.len() != 6 || !n.bytes().all(|b| b.is_ascii_digit()) {
@@ -153,6 +160,7 @@ mod tests {
             (backup_part(&id, 12), ArchiveKey::BackupPart { id: id.clone(), n: 12 }),
             (backup_manifest(&id), ArchiveKey::BackupManifest { id: id.clone() }),
             (backup_description(&id), ArchiveKey::BackupDescription { id: id.clone() }),
+            (backup_lock(&id), ArchiveKey::BackupLock { id: id.clone() }),
         ];
         for (key, want) in cases {
             crate::storage::validate_key("t", &key).unwrap();

@@ -43,6 +43,19 @@ impl LocalStore {
         Ok(LocalStore { root })
     }
 
+    /// Open an existing repository for reading; never creates anything (a reader may run as
+    /// a user that cannot write there, e.g. PostgreSQL's restore_command).
+    pub fn open_existing(root: &Path) -> anyhow::Result<Self> {
+        let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
+        if !root.is_dir() {
+            anyhow::bail!(
+                "archive directory {} does not exist\nHINT: check the archive URL (file:///path or a plain path)",
+                root.display()
+            );
+        }
+        Ok(LocalStore { root })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -223,6 +223,14 @@ pub async fn open(url: &str, s3opts: &s3::S3Options) -> anyhow::Result<Arc<dyn O
     }
 }
 
+/// Open an existing repository for reading: a local directory must exist (nothing is created).
+pub async fn open_existing(url: &str, s3opts: &s3::S3Options) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    match RepoUrl::parse(url)? {
+        RepoUrl::Local(path) => Ok(Arc::new(local::LocalStore::open_existing(&path)?)),
+        RepoUrl::S3 { bucket, prefix } => Ok(Arc::new(s3::S3Store::connect(&bucket, &prefix, s3opts).await?)),
+    }
+}
+
 /// Split a stream into chunks of at most `size` bytes (the last may be shorter), for uploads.
 pub(crate) fn rechunk(data: ByteStream, size: usize) -> BoxStream<'static, Result<Bytes, StorageError>> {
     futures::stream::unfold((data, bytes::BytesMut::new(), false), move |(mut data, mut buf, mut done)| async move {

@@ -2,5 +2,6 @@
 //! Every test runs against real services started by the harness (`walvault-tests`).
 
 mod agent_stream;
+mod backup_restore;
 mod harness;
 mod storage_conformance;

@@ -1,0 +1,191 @@
+//! Retention: which backups to keep, and the WAL they need.
+//!
+//! Rules (see docs/operations.md, "Retention"):
+//! * `retain_full = N` keeps the newest N complete backups;
+//! * `retain_days = D` keeps every backup that finished within the last D days, plus the newest
+//!   one that finished before that (it is needed to recover to the start of the window);
+//! * with both, a backup is kept if either rule keeps it; with neither, nothing is deleted;
+//!   the newest backup is always kept.
+//! * WAL (segments and chunks, on every timeline) is deleted only where it ends at or before
+//!   the start of the segment holding the oldest kept backup's start LSN: everything a kept
+//!   backup needs, from its start onwards, stays. History files are always kept.
+//! * Leftovers of interrupted backups are removed when their writer is gone.
+//!
+//! Every deletion is logged; `dry_run` logs and reports without deleting.
+
+use anyhow::Result;
+use walvault_shared::archive::backup::{self, BackupDescription};
+use walvault_shared::archive::names::{self, ArchiveKey};
+use walvault_shared::lsn::Lsn;
+use walvault_shared::storage::ObjectStore;
+
+#[derive(Clone, Debug, Default)]
+pub struct RetentionPolicy {
+    pub retain_full: Option<usize>,
+    pub retain_days: Option<u32>,
+}
+
+impl RetentionPolicy {
+    pub fn is_set(&self) -> bool {
+        self.retain_full.is_some() || self.retain_days.is_some()
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ExpireReport {
+    pub kept_backups: Vec<String>,
+    pub deleted_backups: Vec<String>,
+    pub wal_cutoff: Option<Lsn>,
+    pub deleted_wal_objects: usize,
+    pub deleted_wal_keys: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// Which backups (oldest first) the policy keeps.
+pub fn keep(backups: &[BackupDescription], policy: &RetentionPolicy, now: chrono::DateTime<chrono::Utc>) -> Vec<bool> {
+    let n = backups.len();
+    let mut keep = vec![!policy.is_set(); n];
+    if n == 0 {
+        return keep;
+    }
+    if let Some(k) = policy.retain_full {
+        for flag in keep.iter_mut().skip(n.saturating_sub(k)) {
+            *flag = true;
+        }
+    }
+    if let Some(d) = policy.retain_days {
+        let window_start = now - chrono::Duration::days(d as i64);
+        let stop = |b: &BackupDescription| {
+            chrono::DateTime::parse_from_rfc3339(&b.stop_time).map(|t| t.with_timezone(&chrono::Utc)).ok()
+        };
+        let mut newest_before: Option<usize> = None;
+        for (i, b) in backups.iter().enumerate() {
+            match stop(b) {
+                Some(t) if t >= window_start => keep[i] = true,
+                _ => newest_before = Some(i),
+            }
+        }
+        if let Some(i) = newest_before {
+            keep[i] = true;
+        }
+    }
+    keep[n - 1] = true;
+    keep
+}
+
+pub async fn expire(
+    store: &dyn ObjectStore,
+    segment_size: u64,
+    policy: &RetentionPolicy,
+    dry_run: bool,
+) -> Result<ExpireReport> {
+    let mut report = ExpireReport { dry_run, ..Default::default() };
+    if !dry_run {
+        crate::basebackup::remove_abandoned(store, segment_size).await?;
+    }
+    let backups = backup::complete(store, segment_size).await?;
+    if backups.is_empty() || !policy.is_set() {
+        report.kept_backups = backups.iter().map(|b| b.id.clone()).collect();
+        return Ok(report);
+    }
+    let flags = keep(&backups, policy, chrono::Utc::now());
+    for (b, k) in backups.iter().zip(&flags) {
+        if *k {
+            report.kept_backups.push(b.id.clone());
+        } else {
+            tracing::info!(backup = %b.id, dry_run, "expiring backup (start {}, stop {})", b.start_lsn, b.stop_time);
+            if !dry_run {
+                backup::delete_backup(store, &b.id).await?;
+            }
+            report.deleted_backups.push(b.id.clone());
+        }
+    }
+    let oldest_kept =
+        backups.iter().zip(&flags).filter(|(_, k)| **k).map(|(b, _)| b.start_lsn).min().expect("newest is kept");
+    let cutoff = oldest_kept.segment_start(segment_size);
+    report.wal_cutoff = Some(cutoff);
+    let mut doomed = Vec::new();
+    for o in store.list_all(names::WAL_PREFIX).await? {
+        let end = match names::parse(&o.key, segment_size) {
+            Some(ArchiveKey::Segment(s)) => s.segno.end_lsn(segment_size),
+            Some(ArchiveKey::Chunk { end, .. }) => Some(end),
+            _ => None, // history files and foreign keys stay
+        };
+        if end.is_some_and(|e| e <= cutoff) {
+            doomed.push(o.key);
+        }
+    }
+    doomed.sort();
+    tracing::info!(count = doomed.len(), %cutoff, dry_run, "expiring WAL below the oldest kept backup");
+    for k in &doomed {
+        tracing::debug!(key = %k, dry_run, "expire WAL object");
+    }
+    if !dry_run {
+        store.delete(&doomed).await?;
+    }
+    report.deleted_wal_objects = doomed.len();
+    report.deleted_wal_keys = doomed;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walvault_shared::lsn::TimelineId;
+
+    fn b(id: &str, stop: &str) -> BackupDescription {
+        BackupDescription {
+            format_version: 1,
+            id: id.into(),
+            label: String::new(),
+            start_lsn: Lsn(0),
+            stop_lsn: Lsn(0),
+            timeline: TimelineId(1),
+            stop_timeline: TimelineId(1),
+            start_time: stop.into(),
+            stop_time: stop.into(),
+            pg_version_num: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 16 << 20,
+            archives: vec![],
+            manifest_bytes: 0,
+            raw_bytes: 0,
+            stored_bytes: 0,
+            duration_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn count_and_window() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let bs = vec![
+            b("a", "2026-11-01T00:00:00Z"),
+            b("b", "2026-11-10T00:00:00Z"),
+            b("c", "2026-11-20T00:00:00Z"),
+            b("d", "2026-11-25T00:00:00Z"),
+        ];
+        assert_eq!(keep(&bs, &RetentionPolicy::default(), now), vec![true; 4], "no policy: keep all");
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: Some(2), retain_days: None }, now),
+            vec![false, false, true, true]
+        );
+        // 7 days: d is inside; c is the newest before the window.
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(7) }, now),
+            vec![false, false, true, true]
+        );
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(20) }, now),
+            vec![false, true, true, true]
+        );
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: Some(1), retain_days: Some(1) }, now),
+            vec![false, false, true, true]
+        );
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: Some(0), retain_days: None }, now),
+            vec![false, false, false, true],
+            "newest always kept"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! Base backup descriptions: what `backups/<id>/backup.json` says, and how to list backups.
+//!
+//! A backup is complete exactly when its `backup.json` exists. The agent writes it last, after
+//! every part and the manifest are durable and after the archive holds the WAL from the
+//! backup's start LSN to its stop LSN. An interrupted backup leaves parts (and its
+//! `backup.lock`) but no description; [`list`] reports it as incomplete and the next backup or
+//! `expire` removes it once its writer is gone.
+
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{self, Compression, ObjectKind};
+use super::names::{self, ArchiveKey};
+use crate::lsn::{Lsn, TimelineId};
+use crate::storage::{ObjectStore, StorageError};
+
+/// One part of a tar archive: `backups/<id>/part-NNNNNN`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub n: u32,
+    pub plain_len: u64,
+    pub stored_len: u64,
+    pub crc32: u32,
+}
+
+/// One tar archive of the backup (`base.tar`, or `<oid>.tar` for a tablespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveInfo {
+    pub name: String,
+    /// Tablespace location on the server; empty for the main data directory.
+    pub location: String,
+    pub parts: Vec<PartInfo>,
+    pub raw_bytes: u64,
+}
+
+/// `backups/<id>/backup.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackupDescription {
+    pub format_version: u16,
+    pub id: String,
+    pub label: String,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub timeline: TimelineId,
+    pub stop_timeline: TimelineId,
+    /// Agent clock (UTC, RFC 3339); keep it NTP-synchronised with the server.
+    pub start_time: String,
+    pub stop_time: String,
+    pub pg_version_num: u32,
+    pub system_identifier: String,
+    pub wal_segment_size: u64,
+    pub archives: Vec<ArchiveInfo>,
+    /// Size of the server's backup_manifest (stored at `backups/<id>/backup_manifest`).
+    pub manifest_bytes: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_seconds: f64,
+}
+
+/// `backups/<id>/backup.lock`: who is writing an unfinished backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupLock {
+    pub host: String,
+    pub pid: u32,
+    pub started_at: String,
+}
+
+/// What a listing of `backups/` shows for one id.
+#[derive(Clone, Debug)]
+pub enum BackupEntry {
+    Complete(Box<BackupDescription>),
+    /// Parts without a description: running, or abandoned.
+    Incomplete {
+        id: String,
+        keys: Vec<String>,
+        lock: Option<BackupLock>,
+    },
+}
+
+/// Read a backup's description.
+pub async fn read_description(store: &dyn ObjectStore, id: &str) -> anyhow::Result<BackupDescription> {
+    let key = names::backup_description(id);
+    let raw = store.get(&key).await?;
+    let d = envelope::decode(&key, &raw)?.expect_kind(&key, ObjectKind::Metadata)?;
+    Ok(d.metadata_as(&key)?)
+}
+
+pub fn encode_description(d: &BackupDescription) -> Vec<u8> {
+    envelope::encode(ObjectKind::Metadata, d, b"", Compression::None, 0)
+}
+
+/// All backups, complete (sorted by start LSN) and incomplete.
+pub async fn list(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<Vec<BackupEntry>> {
+    let objects = store.list_all(names::BACKUPS_PREFIX).await?;
+    let mut ids: std::collections::BTreeMap<String, (bool, Vec<String>, bool)> = Default::default();
+    for o in objects {
+        let id = match names::parse(&o.key, segment_size) {
+            Some(ArchiveKey::BackupDescription { id }) => {
+                ids.entry(id.clone()).or_default().0 = true;
+                id
+            }
+            Some(ArchiveKey::BackupPart { id, .. }) | Some(ArchiveKey::BackupManifest { id }) => id,
+            Some(ArchiveKey::BackupLock { id }) => {
+                ids.entry(id.clone()).or_default().2 = true;
+                id
+            }
+            _ => continue,
+        };
+        ids.entry(id).or_default().1.push(o.key);
+    }
+    let mut out = Vec::new();
+    for (id, (complete, keys, locked)) in ids {
+        if complete {
+            out.push(BackupEntry::Complete(Box::new(read_description(store, &id).await?)));
+        } else {
+            let lock = if locked { read_lock(store, &id).await.ok() } else { None };
+            out.push(BackupEntry::Incomplete { id, keys, lock });
+        }
+    }
+    out.sort_by_key(|e| match e {
+        BackupEntry::Complete(d) => (0, d.start_lsn, d.id.clone()),
+        BackupEntry::Incomplete { id, .. } => (1, Lsn(0), id.clone()),
+    });
+    Ok(out)
+}
+
+async fn read_lock(store: &dyn ObjectStore, id: &str) -> anyhow::Result<BackupLock> {
+    let key = names::backup_lock(id);
+    let raw = store.get(&key).await?;
+    Ok(envelope::decode(&key, &raw)?.metadata_as(&key)?)
+}
+
+/// Complete backups only, oldest first.
+pub async fn complete(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<Vec<BackupDescription>> {
+    Ok(list(store, segment_size)
+        .await?
+        .into_iter()
+        .filter_map(|e| match e {
+            BackupEntry::Complete(d) => Some(*d),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Delete every object of a backup (description first, so it stops looking complete at once).
+pub async fn delete_backup(store: &dyn ObjectStore, id: &str) -> Result<(), StorageError> {
+    store.delete(&[names::backup_description(id)]).await?;
+    let keys: Vec<String> =
+        store.list_all(&format!("{}{id}/", names::BACKUPS_PREFIX)).await?.into_iter().map(|m| m.key).collect();
+    store.delete(&keys).await
+}

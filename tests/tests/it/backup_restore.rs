@@ -1,0 +1,257 @@
+//! Base backups and point-in-time restore, end to end, against PostgreSQL 15: the agent streams
+//! and backs up; `walvault-recover restore` rebuilds a data directory; PostgreSQL replays the
+//! archived WAL through `walvault-recover wal-fetch`; the data itself is the oracle (rows
+//! committed at or before the target exist, later ones do not), with pg_verifybackup on the
+//! restored base.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use walvault_shared::lsn::Lsn;
+use walvault_tests::agent::{workspace_binary, Agent};
+use walvault_tests::pg::{PgCluster, PgOptions};
+
+fn opts() -> PgOptions {
+    PgOptions { settings: vec!["wal_keep_size = '1GB'".into()], ..Default::default() }
+}
+
+fn local_archive() -> (tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new().prefix("archive-").tempdir_in(walvault_tests::test_root().unwrap()).unwrap();
+    // restore_command runs as the PostgreSQL user: it must be able to read the archive.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let url = format!("file://{}", dir.path().join("repo").display());
+    (dir, url)
+}
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(workspace_binary(bin).unwrap()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn flush_lsn(pg: &PgCluster) -> Lsn {
+    pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await.unwrap().parse().unwrap()
+}
+
+/// Restore into a fresh directory, check the base with pg_verifybackup, start it, wait for
+/// recovery to finish, and return the cluster.
+async fn restore_and_start(archive: &str, target: &[&str]) -> PgCluster {
+    let dir = PgCluster::fresh_dir("restored").unwrap();
+    let data = dir.join("data");
+    let owner = PgCluster::pg_user_name();
+    let mut args = vec!["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--owner", &owner];
+    args.extend_from_slice(target);
+    let (code, out, err) = run("walvault-recover", &args);
+    assert_eq!(code, 0, "restore failed:\n{out}\n{err}");
+    // The restored base matches the server's manifest (we changed only the recovery settings).
+    let verify = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pg_verifybackup").unwrap())
+        .unwrap()
+        .args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "pg_verifybackup: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let pg = PgCluster::from_data_dir("restored", dir, data, vec![]).unwrap();
+    pg.start().unwrap();
+    for _ in 0..1200 {
+        if let Ok(r) = pg.query_one_text("SELECT pg_is_in_recovery()").await {
+            if r == "f" {
+                return pg;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "restored cluster still in recovery after 120 s; log:\n{}",
+        std::fs::read_to_string(&pg.log).unwrap_or_default()
+    );
+}
+
+async fn ids(pg: &PgCluster) -> Vec<i64> {
+    let c = pg.connect().await.unwrap();
+    c.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get::<_, i32>(0) as i64).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_then_point_in_time_restores() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("pitr", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())").await.unwrap();
+    pg.execute("INSERT INTO t (id) SELECT generate_series(1, 5)").await.unwrap();
+    // Before any backup: a restore is refused with the reason.
+    let (code, _, err) = run(
+        "walvault-recover",
+        &["restore", "--archive", &archive, "--pgdata", "/tmp/walvault-tests/never", "--latest"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no complete base backup") && err.contains("HINT"), "{err}");
+    assert!(!Path::new("/tmp/walvault-tests/never").exists(), "nothing written");
+
+    let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
+    let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let backup_stop: Lsn = desc["stop_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(backup_stop > Lsn(0x100), "a target LSN of 0/100 below is before the backup's end");
+
+    // One row per transaction, each with its own commit-time clock, across segment switches.
+    let c = pg.connect().await.unwrap();
+    let mut times = Vec::new();
+    for id in 6..=40 {
+        let row = c.query_one("INSERT INTO t (id) VALUES ($1) RETURNING at::text", &[&id]).await.unwrap();
+        times.push((id, row.get::<_, String>(0)));
+        if id % 12 == 0 {
+            pg.switch_wal().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let lsn_after_40: Lsn = {
+        // A target LSN: just after row 30's commit is certainly past it; use the LSN when 30 was
+        // the newest row by inserting a marker afterwards and reading its position first.
+        let r = pg.query_one_text("SELECT pg_current_wal_insert_lsn()").await.unwrap();
+        r.parse().unwrap()
+    };
+    for id in 41..=45 {
+        c.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+    }
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+
+    // list shows the backup and the window.
+    let (code, out, err) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["backups"].as_array().unwrap().len(), 1, "{l}");
+    let to: Lsn = l["timelines"][0]["recoverable_to_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(to >= end, "recoverable to {to}, archived {end}");
+
+    // Target time between row 20 and row 21 (inside the newest segments, some only as chunks).
+    let t20 = chrono::DateTime::parse_from_str(&times[14].1, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
+    let t21 = chrono::DateTime::parse_from_str(&times[15].1, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
+    assert_eq!(times[14].0, 20);
+    let target = t20 + (t21 - t20) / 2;
+    let r = restore_and_start(&archive, &["--target-time", &target.to_rfc3339()]).await;
+    assert_eq!(ids(&r).await, (1..=20).collect::<Vec<_>>(), "exactly the rows committed by the target time");
+    drop(r);
+
+    // Target LSN after row 40's commit position (before 41).
+    let r = restore_and_start(&archive, &["--target-lsn", &lsn_after_40.to_string()]).await;
+    assert_eq!(ids(&r).await, (1..=40).collect::<Vec<_>>());
+    drop(r);
+
+    // Everything archived.
+    let r = restore_and_start(&archive, &["--latest"]).await;
+    assert_eq!(ids(&r).await, (1..=45).collect::<Vec<_>>());
+    drop(r);
+
+    // Bad input: a target before the backup ends names the window; nothing is written.
+    let never = PgCluster::fresh_dir("never").unwrap().join("data");
+    let (code, _, err) = run(
+        "walvault-recover",
+        &["restore", "--archive", &archive, "--pgdata", never.to_str().unwrap(), "--target-lsn", "0/100"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("recoverable window"), "{err}");
+    assert!(!never.exists(), "nothing written for an unreachable target");
+    // A time after the newest archived WAL.
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            never.to_str().unwrap(),
+            "--target-time",
+            "2999-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("after the newest archived WAL"), "{err}");
+    // A non-empty PGDATA is refused.
+    let full = PgCluster::fresh_dir("full").unwrap();
+    std::fs::write(full.join("precious"), b"x").unwrap();
+    let (code, _, err) =
+        run("walvault-recover", &["restore", "--archive", &archive, "--pgdata", full.to_str().unwrap(), "--latest"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not empty") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(full.join("precious")).unwrap(), b"x");
+    // A wrong archive URL.
+    let (code, _, err) = run("walvault-recover", &["list", "--archive", "/tmp/walvault-tests/no-such-archive"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist"), "{err}");
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_corrupt_wal_is_reported() {
+    let pg = PgCluster::start_new("gaps", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let repo = PathBuf::from(archive.trim_start_matches("file://"));
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())").await.unwrap();
+    let (code, _, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "{err}");
+    for i in 1..=3 {
+        pg.execute(&format!("INSERT INTO t (id) VALUES ({i})")).await.unwrap();
+        pg.switch_wal().await.unwrap();
+    }
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    // Delete a segment in the middle: restore names the missing LSN before writing anything.
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(repo.join("wal/00000001"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 24)
+        .collect();
+    segs.sort();
+    let victim = segs[segs.len() - 2].clone();
+    let saved = std::fs::read(&victim).unwrap();
+    std::fs::remove_file(&victim).unwrap();
+    let never = PgCluster::fresh_dir("never").unwrap().join("data");
+    let (code, _, err) =
+        run("walvault-recover", &["restore", "--archive", &archive, "--pgdata", never.to_str().unwrap(), "--latest"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing WAL") && err.contains("resumes at"), "{err}");
+    assert!(!never.exists());
+    // Put it back with one bit flipped: wal-fetch refuses it with exit 126 (fatal for recovery).
+    let mut bad = saved.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x10;
+    std::fs::write(&victim, &bad).unwrap();
+    let dest = PgCluster::fresh_dir("walfetch").unwrap().join("seg");
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let (code, _, err) = run("walvault-recover", &["wal-fetch", "--archive", &archive, &name, dest.to_str().unwrap()]);
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("corrupt") || err.contains("checksum"), "{err}");
+    assert!(!dest.exists(), "a corrupt file is never handed over");
+    std::fs::write(&victim, &saved).unwrap();
+    let (code, _, err) = run("walvault-recover", &["wal-fetch", "--archive", &archive, &name, dest.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        pg.read_pg_wal(&name).unwrap(),
+        "wal-fetch gives back the server's segment"
+    );
+    // Not in the archive: exit 1 (end of archived WAL).
+    let (code, _, _) = run(
+        "walvault-recover",
+        &["wal-fetch", "--archive", &archive, "0000000100000000000000FE", dest.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    let (code, _, _) =
+        run("walvault-recover", &["wal-fetch", "--archive", &archive, "00000009.history", dest.to_str().unwrap()]);
+    assert_eq!(code, 1);
+}
