@@ -73,7 +73,12 @@ pub async fn run(
                     Some("backup interval elapsed".into())
                 } else if next_daily_at.is_some_and(|d| now >= d) {
                     Some("daily backup time".into())
-                } else if schedule.wal_volume.is_some_and(|v| metrics.archived_lsn.get().saturating_sub(lsn.0) >= v) {
+                } else if schedule.wal_volume.is_some_and(|v| {
+                    // Measured from the segment after the backup's end: the backup itself
+                    // switches to a new segment, which is not WAL to replay.
+                    let base = lsn.segment_start(segment_size).0 + segment_size;
+                    metrics.archived_lsn.get().saturating_sub(base) >= v
+                }) {
                     Some("WAL volume since the last backup exceeded".into())
                 } else {
                     None

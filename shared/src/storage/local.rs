@@ -95,13 +95,23 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Publish a complete, fsynced temp file under `dest`.
 fn publish(tmp: &Path, dest: &Path, mode: PutMode) -> io::Result<()> {
     let parent = dest.parent().expect("key paths have a parent");
-    fs::create_dir_all(parent)?;
-    match mode {
-        PutMode::Overwrite => fs::rename(tmp, dest)?,
-        PutMode::IfAbsent => {
-            let linked = fs::hard_link(tmp, dest);
-            let _ = fs::remove_file(tmp);
-            linked?;
+    // A concurrent delete may remove the (empty) parent between our mkdir and link: retry.
+    let mut attempt = 0;
+    loop {
+        fs::create_dir_all(parent)?;
+        let r = match mode {
+            PutMode::Overwrite => fs::rename(tmp, dest),
+            PutMode::IfAbsent => fs::hard_link(tmp, dest),
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 3 && tmp.exists() => attempt += 1,
+            r => {
+                if mode == PutMode::IfAbsent {
+                    let _ = fs::remove_file(tmp);
+                }
+                r?;
+                break;
+            }
         }
     }
     fsync_dir(parent)
@@ -233,6 +243,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let root = self.root.clone();
         let mut paths = Vec::with_capacity(keys.len());
         for k in keys {
             paths.push((k.clone(), self.path("delete", k)?));
@@ -249,7 +260,16 @@ impl ObjectStore for LocalStore {
                 }
             }
             for d in dirs.into_iter().flatten() {
-                let _ = fsync_dir(&d);
+                // Remove directories left empty (a deleted backup, a timeline's last segment),
+                // up to the root; a directory that is not empty stops the climb.
+                let mut cur = d.clone();
+                while cur.starts_with(&root) && cur != root && std::fs::remove_dir(&cur).is_ok() {
+                    match cur.parent() {
+                        Some(p) => cur = p.to_path_buf(),
+                        None => break,
+                    }
+                }
+                let _ = fsync_dir(if cur.exists() { &cur } else { &root });
             }
             Ok(())
         })

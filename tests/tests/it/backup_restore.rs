@@ -255,3 +255,221 @@ async fn missing_or_corrupt_wal_is_reported() {
         run("walvault-recover", &["wal-fetch", "--archive", &archive, "00000009.history", dest.to_str().unwrap()]);
     assert_eq!(code, 1);
 }
+
+fn pgbench_scale() -> String {
+    std::env::var("WALVAULT_TEST_PGBENCH_SCALE").unwrap_or_else(|_| "10".into())
+}
+
+fn pgbench_in_background(
+    pg: &PgCluster,
+    args: &'static [&'static str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let sock = pg.socket_dir.clone();
+    let port = pg.port;
+    std::thread::spawn(move || {
+        let mut c = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pgbench").unwrap()).unwrap();
+        c.args(args).env("PGHOST", sock).env("PGPORT", port.to_string()).env("PGUSER", "postgres");
+        c.output().unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_during_pgbench_restores_consistent() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("bench-backup", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--no-backups"]).unwrap();
+    pg.run_program("pgbench", &["-i", "-s", &pgbench_scale(), "-q", "postgres"]).unwrap();
+    let load = pgbench_in_background(&pg, &["-T", "12", "-c", "2", "-n", "postgres"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, out, err) =
+        run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive, "--backup-part-size", "16MiB"]);
+    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
+    let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(desc["archives"][0]["parts"].as_array().unwrap().len() > 1, "several parts: {desc}");
+    assert!(load.join().unwrap().status.success());
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    let r = restore_and_start(&archive, &["--latest"]).await;
+    // pgbench's own invariant: every transaction adds the same delta to one account, teller and
+    // branch, and logs it in the history.
+    let sums = r
+        .query_one_text(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts)::text || ',' || (SELECT sum(bbalance) FROM pgbench_branches)::text \
+             || ',' || (SELECT sum(tbalance) FROM pgbench_tellers)::text || ',' || (SELECT coalesce(sum(delta), 0) FROM pgbench_history)::text",
+        )
+        .await
+        .unwrap();
+    let v: Vec<&str> = sums.split(',').collect();
+    assert!(v.iter().all(|x| *x == v[0]), "pgbench balances disagree after restore: {sums}");
+    let n_hist = r.query_one_text("SELECT count(*) FROM pgbench_history").await.unwrap();
+    let n_orig = pg.query_one_text("SELECT count(*) FROM pgbench_history").await.unwrap();
+    assert_eq!(n_hist, n_orig, "every committed pgbench transaction is restored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_backup_leaves_no_complete_backup() {
+    let pg = PgCluster::start_new("backup-kill", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let repo = PathBuf::from(archive.trim_start_matches("file://"));
+    let mut agent = Agent::start(&pg.url(), &archive, &["--no-backups"]).unwrap();
+    pg.run_program("pgbench", &["-i", "-s", &pgbench_scale(), "-q", "postgres"]).unwrap();
+    let mut child = Command::new(workspace_binary("walvault-agent").unwrap())
+        .args(["backup", "--pg-url", &pg.url(), "--archive", &archive, "--backup-part-size", "1MiB"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some parts are stored.
+    let parts = || -> usize {
+        walkdir(&repo.join("backups"))
+            .iter()
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("part-"))
+            .count()
+    };
+    for _ in 0..600 {
+        if parts() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(parts() >= 3, "the backup stored parts");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, out, _) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    assert_eq!(code, 0);
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(l["backups"].as_array().unwrap().is_empty(), "no complete-looking backup: {l}");
+    let abandoned = l["incomplete_backups"][0].as_str().unwrap().to_string();
+    // The next backup succeeds and removes the leftovers.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!repo.join("backups").join(&abandoned).exists(), "leftovers of {abandoned} removed");
+    let (_, out, _) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["backups"].as_array().unwrap().len(), 1);
+    assert!(l["incomplete_backups"].as_array().unwrap().is_empty());
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+fn walkdir(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walkdir(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_kept_backups_need() {
+    let pg = PgCluster::start_new("retention", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let repo = PathBuf::from(archive.trim_start_matches("file://"));
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (v int)").await.unwrap();
+    let mut backups = Vec::new();
+    for i in 0..3 {
+        for _ in 0..2 {
+            pg.execute(&format!("INSERT INTO t VALUES ({i})")).await.unwrap();
+            pg.switch_wal().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await; // backup ids are per second
+        let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+        assert_eq!(code, 0, "{err}");
+        let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+        backups.push((d["id"].as_str().unwrap().to_string(), d["start_lsn"].as_str().unwrap().parse::<Lsn>().unwrap()));
+    }
+    pg.switch_wal().await.unwrap();
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    let wal_before = walkdir(&repo.join("wal")).len();
+    // Dry run: says what it would delete, deletes nothing.
+    let (code, out, err) =
+        run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "2", "--dry-run", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["deleted_backups"], serde_json::json!([backups[0].0]));
+    assert!(r["deleted_wal_objects"].as_u64().unwrap() > 0);
+    assert!(repo.join("backups").join(&backups[0].0).exists());
+    assert_eq!(walkdir(&repo.join("wal")).len(), wal_before);
+    // For real.
+    let (code, _, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!repo.join("backups").join(&backups[0].0).exists(), "oldest backup removed");
+    assert!(repo.join("backups").join(&backups[1].0).join("backup.json").exists());
+    let cat = walvault_shared::archive::walcat::WalCatalog::load(
+        &walvault_shared::storage::local::LocalStore::open_existing(&repo).unwrap(),
+        16 << 20,
+    )
+    .await
+    .unwrap();
+    let tli = walvault_shared::lsn::TimelineId(1);
+    let cutoff = backups[1].1.segment_start(16 << 20);
+    let ranges = cat.ranges(tli);
+    assert_eq!(ranges.len(), 1, "one contiguous range remains: {ranges:?}");
+    assert!(
+        ranges[0].0 <= cutoff && ranges[0].0 >= Lsn(cutoff.0.saturating_sub(16 << 20)),
+        "WAL below the oldest kept backup removed: {ranges:?}, cutoff {cutoff}"
+    );
+    assert!(ranges[0].1 >= end, "everything a kept backup needs is still there");
+    // Restore from the oldest kept backup still works from the listing's point of view.
+    let (code, out, _) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    assert_eq!(code, 0);
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["backups"].as_array().unwrap().len(), 2);
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_and_wal_volume_backups_fire() {
+    let pg = PgCluster::start_new("schedule", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    // First backup because there is none; then every 4 s.
+    let mut agent = Agent::start(&pg.url(), &archive, &["--backup-interval", "4s", "--retain-full", "2"]).unwrap();
+    let count = || async {
+        let (_, out, _) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|l| l["backups"].as_array().map(|a| a.len()))
+            .unwrap_or(0)
+    };
+    let mut taken = 0;
+    for _ in 0..300 {
+        let s = agent.status().await.ok();
+        taken = s.as_ref().and_then(|s| s["backups_taken"].as_u64()).unwrap_or(0);
+        if taken >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken >= 3, "initial + 2 interval backups within 30 s:\n{}", agent.log_text());
+    assert_eq!(count().await, 2, "retention after each backup keeps 2");
+    let (_, metrics) = agent.http_get("/metrics").await.unwrap();
+    assert!(metrics.contains("walvault_last_backup_timestamp_seconds"), "{metrics}");
+    assert_eq!(agent.stop().unwrap(), 0);
+
+    // WAL-volume trigger: no interval; a new backup once 2 MiB of WAL are archived.
+    let mut agent = Agent::start(&pg.url(), &archive, &["--backup-wal-volume", "2MiB"]).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(agent.status().await.unwrap()["backups_taken"], 0, "archive already has backups: none at start");
+    pg.execute("CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g").await.unwrap();
+    let mut fired = false;
+    for _ in 0..300 {
+        if agent.status().await.unwrap()["backups_taken"].as_u64().unwrap_or(0) >= 1 {
+            fired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fired, "WAL-volume backup:\n{}", agent.log_text());
+    assert_eq!(agent.stop().unwrap(), 0);
+}
