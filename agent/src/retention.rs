@@ -169,14 +169,15 @@ mod tests {
             keep(&bs, &RetentionPolicy { retain_full: Some(2), retain_days: None }, now),
             vec![false, false, true, true]
         );
-        // 7 days: d is inside; c is the newest before the window.
+        // 7 days: c and d are inside; b is the newest before the window (needed to reach its start).
         assert_eq!(
             keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(7) }, now),
-            vec![false, false, true, true]
-        );
-        assert_eq!(
-            keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(20) }, now),
             vec![false, true, true, true]
+        );
+        assert_eq!(keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(20) }, now), vec![true; 4]);
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(3) }, now),
+            vec![false, false, true, true]
         );
         assert_eq!(
             keep(&bs, &RetentionPolicy { retain_full: Some(1), retain_days: Some(1) }, now),

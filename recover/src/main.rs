@@ -5,7 +5,7 @@
 //! `wal-fetch` has its own (see `walfetch.rs`): 0 written, 1 not in the archive, 126 could not
 //! fetch.
 //!
-//! Not implemented yet: `audit`, `verify`, prefetching in `wal-fetch`, `--start`.
+//! Not implemented yet: `audit`, `verify`, `restore --start`.
 
 mod restore;
 mod walfetch;
@@ -85,8 +85,22 @@ enum Cmd {
     WalFetch {
         #[command(flatten)]
         archive: ArchiveArgs,
+        /// Segments to prefetch in the background into pg_wal/walvault-prefetch (0: off).
+        #[arg(long, default_value_t = 4)]
+        prefetch: u32,
         walfile: String,
         dest: PathBuf,
+    },
+    /// (internal) the background prefetcher started by wal-fetch.
+    #[command(hide = true)]
+    WalPrefetch {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        count: u32,
+        after: String,
     },
 }
 
@@ -283,15 +297,62 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// Start the background prefetcher, detached: PostgreSQL waits only for this process.
+fn spawn_prefetcher(archive: &ArchiveArgs, spool: &std::path::Path, after: &str, count: u32) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut c = std::process::Command::new(exe);
+    c.arg("wal-prefetch").arg("--archive").arg(&archive.archive);
+    if let Some(e) = &archive.s3_endpoint {
+        c.arg("--s3-endpoint").arg(e);
+    }
+    if let Some(r) = &archive.s3_region {
+        c.arg("--s3-region").arg(r);
+    }
+    if archive.s3_force_path_style {
+        c.arg("--s3-force-path-style");
+    }
+    c.arg("--spool").arg(spool).arg("--count").arg(count.to_string()).arg(after);
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec; it only detaches from our session.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = c.spawn();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.cmd {
-        Cmd::WalFetch { archive, walfile, dest } => {
+        Cmd::WalPrefetch { archive, spool, count, after } => {
+            let _ = rt.block_on(async {
+                let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+                let id = walvault_shared::archive::identity::load(&*store).await?.context("not a walvault archive")?;
+                let seg = walvault_shared::wal::SegmentName::parse(&after, id.wal_segment_size)?;
+                walfetch::prefetch(&*store, &spool, &seg, count, id.wal_segment_size).await
+            });
+            ExitCode::SUCCESS
+        }
+        Cmd::WalFetch { archive, prefetch, walfile, dest } => {
+            let spool = walfetch::spool_dir(&dest);
             let r: Result<walfetch::Fetched> = rt.block_on(async {
                 let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
                 let id = walvault_shared::archive::identity::load(&*store).await?.context("not a walvault archive")?;
-                walfetch::fetch(&*store, &walfile, &dest, id.wal_segment_size).await
+                let seg = walvault_shared::wal::SegmentName::parse(&walfile, id.wal_segment_size).ok();
+                let fetched = if seg.is_some() && walfetch::take_from_spool(&spool, &walfile, &dest) {
+                    walfetch::Fetched::Written
+                } else {
+                    walfetch::fetch(&*store, &walfile, &dest, id.wal_segment_size).await?
+                };
+                if let (Some(seg), walfetch::Fetched::Written, true) = (seg, &fetched, prefetch > 0) {
+                    walfetch::prune_spool(&spool, &seg, id.wal_segment_size);
+                    spawn_prefetcher(&archive, &spool, &walfile, prefetch);
+                }
+                Ok(fetched)
             });
             match r {
                 Ok(walfetch::Fetched::Written) => ExitCode::SUCCESS,
@@ -307,7 +368,7 @@ fn main() -> ExitCode {
                 match cmd {
                     Cmd::List { archive, json } => list(archive, json).await,
                     Cmd::Restore(a) => do_restore(a).await,
-                    Cmd::WalFetch { .. } => unreachable!(),
+                    Cmd::WalFetch { .. } | Cmd::WalPrefetch { .. } => unreachable!(),
                 }
             });
             match r {

@@ -109,3 +109,87 @@ pub async fn fetch(store: &dyn ObjectStore, file: &str, dest: &Path, segment_siz
         }
     }
 }
+
+/// Prefetch spool for a `restore_command` whose destination is `dest` (`pg_wal/RECOVERYXLOG`):
+/// `pg_wal/walvault-prefetch/`, inside the data directory, so a rename moves a spooled segment
+/// into place without copying.
+pub fn spool_dir(dest: &Path) -> std::path::PathBuf {
+    dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("walvault-prefetch")
+}
+
+/// Serve `file` from the spool if a prefetcher already fetched it (complete and verified: files
+/// appear there only by an atomic rename after decoding).
+pub fn take_from_spool(spool: &Path, file: &str, dest: &Path) -> bool {
+    let p = spool.join(file);
+    if p.is_file() && std::fs::rename(&p, dest).is_ok() {
+        if let Some(d) = dest.parent() {
+            let _ = std::fs::File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d })
+                .and_then(|f| f.sync_all());
+        }
+        return true;
+    }
+    false
+}
+
+/// Remove spooled segments of `after`'s timeline at or before it (already replayed), and
+/// leftovers of interrupted writes.
+pub fn prune_spool(spool: &Path, after: &SegmentName, segment_size: u64) {
+    let Ok(rd) = std::fs::read_dir(spool) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = match SegmentName::parse(&name, segment_size) {
+            Ok(s) => s.timeline == after.timeline && s.segno <= after.segno,
+            Err(_) => name.ends_with(".walvault-tmp"),
+        };
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The background prefetcher: fetch up to `count` whole segments after `after` into `spool`,
+/// in parallel, skipping those already there; stop at the first one the archive does not hold
+/// as a whole segment (the newest, still growing segment is never prefetched). One prefetcher
+/// per spool at a time (an exclusive lock on `spool/.lock`).
+pub async fn prefetch(
+    store: &dyn ObjectStore,
+    spool: &Path,
+    after: &SegmentName,
+    count: u32,
+    segment_size: u64,
+) -> Result<u32> {
+    std::fs::create_dir_all(spool)?;
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(spool.join(".lock"))?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(0); // another prefetcher is at work
+    }
+    let mut wanted = Vec::new();
+    let mut seg = *after;
+    for _ in 0..count {
+        seg = seg.next();
+        let name = seg.file_name(segment_size);
+        if !spool.join(&name).exists() {
+            wanted.push((seg, name));
+        }
+    }
+    let fetches = futures::future::join_all(wanted.into_iter().map(|(seg, name)| async move {
+        let key = names::segment(&seg, segment_size);
+        (name, get_decoded(store, &key).await)
+    }))
+    .await;
+    let mut n = 0;
+    for (name, r) in fetches {
+        match r {
+            Ok(Some(c)) if c.len() as u64 == segment_size => {
+                write_atomically(&spool.join(&name), &c)?;
+                n += 1;
+            }
+            // Not (yet) a whole segment, or unreadable: PostgreSQL will ask wal-fetch for it
+            // directly, which reports errors properly.
+            _ => break,
+        }
+    }
+    Ok(n)
+}

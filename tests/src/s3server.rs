@@ -85,8 +85,9 @@ impl S3Server {
             "-master.telemetry=false".into(),
             // Like AWS: a put into a missing bucket fails instead of creating it.
             "-s3.autoCreateBucket=false".into(),
-            "-master.volumeSizeLimitMB=64".into(),
-            "-volume.max=50".into(),
+            // Every bucket (one per test) grows its own volumes: allow many small ones.
+            "-master.volumeSizeLimitMB=32".into(),
+            "-volume.max=2000".into(),
             "-volume.preStopSeconds=0".into(),
         ];
         for flag in [

@@ -473,3 +473,76 @@ async fn scheduled_and_wal_volume_backups_fire() {
     assert!(fired, "WAL-volume backup:\n{}", agent.log_text());
     assert_eq!(agent.stop().unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_across_a_promotion() {
+    walvault_tests::init_logging();
+    let primary = PgCluster::start_new("pitr-primary", opts()).unwrap();
+    primary
+        .execute("CREATE TABLE t (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+    primary.execute("INSERT INTO t (id) SELECT generate_series(-2, 0)").await.unwrap();
+    let standby = PgCluster::start_standby_of(&primary, "pitr-standby").unwrap();
+    let (_keep, archive) = local_archive();
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres target_session_attrs=read-write connect_timeout=5",
+        primary.port, standby.port
+    );
+    let mut agent = Agent::start(&url, &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &primary.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "{err}");
+    let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let backup_stop = desc["stop_lsn"].as_str().unwrap().to_string();
+    let mut times = std::collections::BTreeMap::new();
+    let insert = |pg: &PgCluster, id: i32| {
+        let url = pg.conn_str("postgres", "postgres");
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let at: String =
+                c.query_one("INSERT INTO t (id) VALUES ($1) RETURNING at::text", &[&id]).await.unwrap().get(0);
+            chrono::DateTime::parse_from_str(&at, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap()
+        }
+    };
+    for id in 1..=10 {
+        times.insert(id, insert(&primary, id).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lsn = flush_lsn(&primary).await;
+    agent.wait_archived(lsn, Duration::from_secs(60)).await.unwrap();
+    for _ in 0..600 {
+        if standby.query_one_text("SELECT count(*) FROM t").await.unwrap() == "13" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    primary.stop("fast").unwrap();
+    standby.promote().unwrap();
+    for id in 11..=20 {
+        times.insert(id, insert(&standby, id).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let end = flush_lsn(&standby).await;
+    agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(agent.status().await.unwrap()["timeline"], 2);
+    let mid = |a: i32| {
+        let (x, y) = (times[&a], times[&(a + 1)]);
+        (x + (y - x) / 2).to_rfc3339()
+    };
+    // Just after the backup: only the rows committed before it.
+    let r = restore_and_start(&archive, &["--target-lsn", &backup_stop]).await;
+    assert_eq!(ids(&r).await, vec![-2, -1, 0]);
+    drop(r);
+    // Before the promotion (timeline 1 part of timeline 2's history).
+    let r = restore_and_start(&archive, &["--target-time", &mid(5)]).await;
+    assert_eq!(ids(&r).await, (-2..=5).collect::<Vec<_>>());
+    drop(r);
+    // After the promotion, on timeline 2.
+    let r = restore_and_start(&archive, &["--target-time", &mid(15)]).await;
+    assert_eq!(ids(&r).await, (-2..=15).collect::<Vec<_>>());
+    drop(r);
+    let r = restore_and_start(&archive, &["--latest"]).await;
+    assert_eq!(ids(&r).await, (-2..=20).collect::<Vec<_>>());
+    assert_eq!(agent.stop().unwrap(), 0);
+}
