@@ -145,6 +145,9 @@ struct RestoreArgs {
     /// Parts downloaded in parallel.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// Segments the restore_command prefetches ahead of replay (0: off).
+    #[arg(long, default_value_t = 4)]
+    prefetch: u32,
 }
 
 async fn list(a: ArchiveArgs, json: bool) -> Result<()> {
@@ -279,7 +282,7 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         force: a.force,
         owner: a.owner.clone(),
         backup_id: a.backup.clone(),
-        wal_fetch_command: format!("\"{}\" wal-fetch {}", exe.display(), archive.as_flags()),
+        wal_fetch_command: format!("\"{}\" wal-fetch --prefetch {} {}", exe.display(), a.prefetch, archive.as_flags()),
         parallel: a.parallel,
     };
     let r = restore::restore(store, &opts).await?;

@@ -5,3 +5,4 @@ mod agent_stream;
 mod backup_restore;
 mod harness;
 mod storage_conformance;
+mod walreader_vs_waldump;
