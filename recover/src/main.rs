@@ -5,8 +5,11 @@
 //! `wal-fetch` has its own (see `walfetch.rs`): 0 written, 1 not in the archive, 126 could not
 //! fetch.
 //!
-//! Not implemented yet: `audit`, `verify`, `restore --start`.
+//! `audit` exits 0 when the RPO target is met and there are no gaps, 1 when not, 2 on error.
+//!
+//! Not implemented yet: `verify` (restore drills), `restore --start`.
 
+mod audit;
 mod restore;
 mod walfetch;
 
@@ -78,6 +81,25 @@ enum Cmd {
         archive: ArchiveArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// The RPO actually achieved, gaps, timelines and the recoverable window (exit 0: target met and no gaps, 1: not, 2: error).
+    Audit {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        /// Only commits at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only commits before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Pass/fail against this RPO (e.g. 5s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rpo_target: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+        /// Also write an HTML report with a chart of RPO over time.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
     /// Restore a base backup and set up recovery to a target.
     Restore(RestoreArgs),
@@ -366,12 +388,41 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Audit { archive, since, until, rpo_target, json, html } => {
+            let r: Result<bool> = rt.block_on(async {
+                let t = |s: &Option<String>| -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+                    s.as_deref().map(|x| restore::parse_time(x).map(|t| t.with_timezone(&chrono::Utc))).transpose()
+                };
+                let opts = audit::AuditOptions { since: t(&since)?, until: t(&until)?, rpo_target };
+                let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+                let t0 = std::time::Instant::now();
+                let report = audit::audit(&*store, &opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", audit::table(&report));
+                    println!("audit took {:.2} s", t0.elapsed().as_secs_f64());
+                }
+                if let Some(p) = html {
+                    std::fs::write(&p, audit::html(&report)).with_context(|| format!("write {}", p.display()))?;
+                }
+                Ok(report.pass)
+            });
+            match r {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("walvault-recover audit: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         cmd => {
             let r = rt.block_on(async {
                 match cmd {
                     Cmd::List { archive, json } => list(archive, json).await,
                     Cmd::Restore(a) => do_restore(a).await,
-                    Cmd::WalFetch { .. } | Cmd::WalPrefetch { .. } => unreachable!(),
+                    Cmd::WalFetch { .. } | Cmd::WalPrefetch { .. } | Cmd::Audit { .. } => unreachable!(),
                 }
             });
             match r {

@@ -13,8 +13,10 @@
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use walvault_shared::archive::walcat::CommitStats;
 use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::wal::SegmentName;
+use walvault_shared::walreader::{EventKind, WalReader};
 
 /// Work for the uploader. `seq` numbers chunks in stream order; the archived watermark is the
 /// end of the longest run of durable chunks from the first.
@@ -27,6 +29,7 @@ pub enum Job {
         end: Lsn,
         data: Bytes,
         sealed_at: chrono::DateTime<chrono::Utc>,
+        commits: CommitStats,
     },
     /// Upload once every chunk up to `after_seq` is durable, then delete the segment's chunks.
     Segment { after_seq: u64, segment: SegmentName, data: Bytes },
@@ -48,6 +51,9 @@ pub struct Chunker {
     chunk_start: Lsn,
     chunk_opened: Option<Instant>,
     next_seq: u64,
+    /// Finds the commits in the stream (from the first segment start seen).
+    reader: Option<WalReader>,
+    commits: CommitStats,
 }
 
 /// What [`Chunker::push`] refuses.
@@ -92,6 +98,31 @@ impl Chunker {
             chunk_start: start,
             chunk_opened: None,
             next_seq: first_seq,
+            reader: start.is_segment_start(segment_size).then(|| WalReader::new(start, segment_size)),
+            commits: CommitStats::default(),
+        }
+    }
+
+    /// Run the WAL reader over bytes just received; commits count for the open chunk (unless
+    /// they end in bytes the archive already had).
+    fn scan(&mut self, at: Lsn, bytes: &[u8]) {
+        if self.reader.is_none() && at.is_segment_start(self.segment_size) {
+            self.reader = Some(WalReader::new(at, self.segment_size));
+        }
+        let archived = self.archived_from();
+        let Some(r) = self.reader.as_mut() else { return };
+        if r.position() != at {
+            self.reader = None;
+            return;
+        }
+        for e in r.feed(bytes) {
+            if e.end > archived && matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared) {
+                self.commits.add(e.time());
+            }
+        }
+        if r.ended() {
+            // Not WAL we understand from here on (should not happen on a live stream).
+            self.reader = None;
         }
     }
 
@@ -123,6 +154,7 @@ impl Chunker {
             if let Some(i) = (0..n).find(|&i| data[i] != self.verify[off + i]) {
                 return Err(StreamError::Diverged { at: Lsn(self.pos.0 + i as u64) });
             }
+            self.scan(self.pos, &data[..n]);
             self.pos = Lsn(self.pos.0 + n as u64);
             data = &data[n..];
             if self.pos == verify_end {
@@ -140,6 +172,7 @@ impl Chunker {
             let room_in_segment = (seg_end - self.pos.0) as usize;
             let room_in_chunk = self.max_chunk - self.chunk.len();
             let n = data.len().min(room_in_segment).min(room_in_chunk);
+            self.scan(self.pos, &data[..n]);
             self.chunk.extend_from_slice(&data[..n]);
             data = &data[n..];
             self.pos = Lsn(self.pos.0 + n as u64);
@@ -166,6 +199,7 @@ impl Chunker {
             end: self.pos,
             data: data.clone(),
             sealed_at: chrono::Utc::now(),
+            commits: std::mem::take(&mut self.commits),
         });
         self.chunk_opened = None;
         if let Some(prefix) = self.segment_prefix.as_mut() {

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
 use walvault_shared::archive::identity::{self, Identity};
-use walvault_shared::archive::walcat::WalCatalog;
+use walvault_shared::archive::walcat::{ChunkRecord, WalCatalog};
 use walvault_shared::archive::{names, put_once};
 use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::storage::ObjectStore;
@@ -191,9 +191,9 @@ async fn session(
         store.delete(&redundant).await?;
     }
     let (mut tli, frontier) = choose_start(&catalog, &server, restart, slot.restart_timeline);
-    let (mut start, verify) = match load_prefix(&**store, &catalog, tli, frontier).await? {
-        Some(prefix) => (frontier.segment_start(segment_size), prefix),
-        None => (frontier, Bytes::new()),
+    let (mut start, verify, inherited) = match load_prefix(&**store, &catalog, tli, frontier).await? {
+        Some((prefix, records)) => (frontier.segment_start(segment_size), prefix, records),
+        None => (frontier, Bytes::new(), Vec::new()),
     };
     tracing::info!(
         system_identifier = server.system.system_identifier,
@@ -211,7 +211,8 @@ async fn session(
     };
     let (watermark_tx, mut watermark_rx) = watch::channel(frontier);
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.queue_depth.max(1));
-    let uploader = tokio::spawn(uploader::run(store.clone(), upload_cfg, job_rx, 0, watermark_tx, metrics.clone()));
+    let uploader =
+        tokio::spawn(uploader::run(store.clone(), upload_cfg, job_rx, 0, watermark_tx, metrics.clone(), inherited));
     metrics.archived_lsn.set(metrics.archived_lsn.get().max(frontier.0));
 
     let mut chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, verify, 0);
@@ -345,24 +346,43 @@ fn choose_start(
     }
 }
 
-/// Bytes of `start`'s segment before `start`, read back from the archive. `None` if they
-/// cannot be had.
+/// Bytes of `start`'s segment before `start`, read back from the archive, with the records of
+/// the chunks they came from (so the segment's metadata keeps their commit statistics and
+/// durable times). `None` if they cannot be had.
 async fn load_prefix(
     store: &dyn ObjectStore,
     catalog: &WalCatalog,
     tli: TimelineId,
     start: Lsn,
-) -> Result<Option<Bytes>> {
+) -> Result<Option<(Bytes, Vec<ChunkRecord>)>> {
     let seg_start = start.segment_start(catalog.segment_size);
     if seg_start == start {
-        return Ok(Some(Bytes::new()));
+        return Ok(Some((Bytes::new(), Vec::new())));
     }
     let Ok(pieces) = catalog.pieces_for(tli, seg_start, start) else { return Ok(None) };
     let mut out = bytes::BytesMut::new();
+    let mut records = Vec::new();
     let mut pos = seg_start;
     for p in pieces {
         let raw = store.get(&p.key).await?;
         let d = envelope::decode(&p.key, &raw)?;
+        if let Ok(m) = d.metadata_as::<walvault_shared::archive::walcat::WalObjectMeta>(&p.key) {
+            let durable = store
+                .head(&p.key)
+                .await
+                .ok()
+                .and_then(|h| h.last_modified)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| m.sealed_at.clone());
+            records.push(ChunkRecord {
+                timeline: tli,
+                start_lsn: p.start,
+                end_lsn: p.end,
+                sealed_at: m.sealed_at,
+                durable_at: durable,
+                commits: m.commits,
+            });
+        }
         let from = (pos.0 - p.start.0) as usize;
         let to = (p.end.min(start).0 - p.start.0) as usize;
         if d.content.len() < to {
@@ -371,7 +391,7 @@ async fn load_prefix(
         out.extend_from_slice(&d.content[from..to]);
         pos = p.end.min(start);
     }
-    Ok(Some(out.freeze()))
+    Ok(Some((out.freeze(), records)))
 }
 
 /// Archive the history files of `tli` and its ancestors; returns `tli`'s history.

@@ -31,6 +31,9 @@ use walvault_shared::storage::{ObjectStore, StorageError};
 use super::chunker::Job;
 use crate::metrics::Metrics;
 
+/// How often consolidated chunk records are written to the commit index.
+const INDEX_INTERVAL: Duration = Duration::from_secs(300);
+
 #[derive(Clone, Debug)]
 pub struct UploadConfig {
     pub concurrency: usize,
@@ -61,6 +64,8 @@ pub async fn run(
     first_seq: u64,
     watermark: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
+    // Records of chunks archived by an earlier session in the segment being resumed.
+    mut inherited: Vec<ChunkRecord>,
 ) -> Result<(), FatalUpload> {
     let mut in_flight = FuturesUnordered::new();
     let mut next_seq = first_seq;
@@ -68,7 +73,42 @@ pub async fn run(
     let mut records: HashMap<u64, ChunkRecord> = HashMap::new();
     let mut segments: VecDeque<Job> = VecDeque::new();
     let mut open = true;
+    // Commit index: records of consolidated segments, written as a batch every few minutes.
+    let mut index_batch: Vec<ChunkRecord> = Vec::new();
+    let mut index_since = std::time::Instant::now();
+    let mut index_day = chrono::Utc::now().format("%Y-%m-%d").to_string();
     loop {
+        if !index_batch.is_empty()
+            && (index_batch.len() >= 4096
+                || index_since.elapsed() >= INDEX_INTERVAL
+                || (!open && in_flight.is_empty() && segments.is_empty()))
+        {
+            let batch = std::mem::take(&mut index_batch);
+            index_since = std::time::Instant::now();
+            let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+            let roll = today != index_day;
+            index_day = today.clone();
+            let store = store.clone();
+            // Best effort and off the critical path: the audit falls back to segment metadata.
+            tokio::spawn(async move {
+                let policy = RetryPolicy { max_attempts: Some(5), ..Default::default() };
+                if let Err(e) = policy
+                    .run("write commit index batch", || async {
+                        walvault_shared::archive::index::write_batch(&*store, &batch)
+                            .await
+                            .map_err(|e| StorageError::transient("put", "index", e))
+                    })
+                    .await
+                {
+                    tracing::warn!("could not write a commit index batch: {e}");
+                }
+                if roll {
+                    if let Err(e) = walvault_shared::archive::index::rollup(&*store, &today).await {
+                        tracing::warn!("could not roll up the commit index: {e:#}");
+                    }
+                }
+            });
+        }
         // Start whole-segment uploads whose chunks are all durable.
         while segments.front().is_some_and(|j| matches!(j, Job::Segment { after_seq, .. } if *after_seq < next_seq)) {
             let Some(Job::Segment { segment, data, .. }) = segments.pop_front() else { unreachable!() };
@@ -76,6 +116,13 @@ pub async fn run(
             let end = Lsn(start.0 + cfg.segment_size);
             let mut chunks: Vec<ChunkRecord> =
                 records.values().filter(|r| r.start_lsn >= start && r.end_lsn <= end).cloned().collect();
+            chunks.extend(
+                inherited
+                    .iter()
+                    .filter(|r| r.timeline == segment.timeline && r.start_lsn >= start && r.end_lsn <= end)
+                    .cloned(),
+            );
+            inherited.retain(|r| !(r.timeline == segment.timeline && r.start_lsn >= start && r.end_lsn <= end));
             chunks.sort_by_key(|r| r.start_lsn);
             records.retain(|_, r| r.start_lsn >= end);
             let key = names::segment(&segment, cfg.segment_size);
@@ -86,7 +133,9 @@ pub async fn run(
                 segment_size: cfg.segment_size,
                 sealed_at: rfc3339(chrono::Utc::now()),
                 chunks,
+                commits: None,
             };
+            index_batch.extend(meta.chunks.iter().cloned());
             let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
             in_flight.push(tokio::spawn(async move {
                 upload(&*store, &cfg, &metrics, &key, ObjectKind::WalSegment, &meta, data).await?;
@@ -113,7 +162,7 @@ pub async fn run(
         tokio::select! {
             job = jobs.recv(), if open && in_flight.len() < cfg.concurrency => match job {
                 None => open = false,
-                Some(Job::Chunk { seq, segment, start, end, data, sealed_at }) => {
+                Some(Job::Chunk { seq, segment, start, end, data, sealed_at, commits }) => {
                     let key = names::chunk(&segment, cfg.segment_size, start, end);
                     let meta = WalObjectMeta {
                         timeline: segment.timeline,
@@ -122,6 +171,7 @@ pub async fn run(
                         segment_size: cfg.segment_size,
                         sealed_at: rfc3339(sealed_at),
                         chunks: Vec::new(),
+                        commits: Some(commits),
                     };
                     let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
                     in_flight.push(tokio::spawn(async move {
@@ -130,6 +180,8 @@ pub async fn run(
                         metrics.chunks_archived.inc();
                         metrics.wal_bytes_archived.add(len);
                         let record = ChunkRecord {
+                            timeline: meta.timeline,
+                            commits: meta.commits.clone(),
                             start_lsn: start,
                             end_lsn: end,
                             sealed_at: meta.sealed_at.clone(),

@@ -8,6 +8,7 @@
 pub mod backup;
 pub mod envelope;
 pub mod identity;
+pub mod index;
 pub mod names;
 pub mod walcat;
 

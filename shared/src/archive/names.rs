@@ -11,6 +11,8 @@
 //! | backup manifest | `backups/<backup id>/backup_manifest` | `backups/20261126T141500Z/backup_manifest` |
 //! | backup description | `backups/<backup id>/backup.json` | `backups/20261126T141500Z/backup.json` |
 //! | backup writer lock | `backups/<backup id>/backup.lock` | `backups/20261126T141500Z/backup.lock` |
+//! | commit index batch | `index/batch/<day>/<HHMMSS>-<first LSN>` | `index/batch/2026-11-26/141503-0000000003000000` |
+//! | commit index of a day | `index/day/<day>` | `index/day/2026-11-26` |
 //!
 //! `TTTTTTTT` is the timeline in 8 upper-case hex digits; `<start>`/`<end>` are LSNs as 16
 //! upper-case hex digits, `end` exclusive, so chunks sort by position and a chunk's range is in
@@ -23,6 +25,17 @@ use crate::wal::{history_file_name, parse_history_file_name, SegmentName};
 pub const IDENTITY: &str = "walvault.repository";
 pub const WAL_PREFIX: &str = "wal/";
 pub const BACKUPS_PREFIX: &str = "backups/";
+pub const INDEX_PREFIX: &str = "index/";
+
+/// A batch of chunk records (`day` = UTC day of the batch's first durable time).
+pub fn index_batch(day: &str, hhmmss: &str, first: Lsn) -> String {
+    format!("index/batch/{day}/{hhmmss}-{:016X}", first.0)
+}
+
+/// A whole day's chunk records, merged from its batches.
+pub fn index_day(day: &str) -> String {
+    format!("index/day/{day}")
+}
 
 pub fn timeline_dir(tli: TimelineId) -> String {
     format!("wal/{:08X}/", tli.0)
@@ -67,6 +80,8 @@ pub enum ArchiveKey {
     BackupManifest { id: String },
     BackupDescription { id: String },
     BackupLock { id: String },
+    IndexBatch { day: String },
+    IndexDay { day: String },
 }
 
 /// Parse a key back into what it names; `None` for a key that is not in the catalogue.
@@ -102,6 +117,19 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
         }
         return Some(ArchiveKey::Chunk { segment: seg, start, end });
     }
+    if let Some(rest) = key.strip_prefix("index/day/") {
+        return is_day(rest).then(|| ArchiveKey::IndexDay { day: rest.to_string() });
+    }
+    if let Some(rest) = key.strip_prefix("index/batch/") {
+        let (day, name) = rest.split_once('/')?;
+        let (hms, lsn) = name.split_once('-')?;
+        let ok = is_day(day)
+            && hms.len() == 6
+            && hms.bytes().all(|b| b.is_ascii_digit())
+            && lsn.len() == 16
+            && u64::from_str_radix(lsn, 16).is_ok();
+        return ok.then(|| ArchiveKey::IndexBatch { day: day.to_string() });
+    }
     if let Some(rest) = key.strip_prefix(BACKUPS_PREFIX) {
         let (id, file) = rest.split_once('/')?;
         if !is_backup_id(id) {
@@ -122,6 +150,10 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
         };
     }
     None
+}
+
+fn is_day(d: &str) -> bool {
+    d.len() == 10 && chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok()
 }
 
 /// `YYYYMMDDTHHMMSSZ`.
@@ -161,6 +193,8 @@ mod tests {
             (backup_manifest(&id), ArchiveKey::BackupManifest { id: id.clone() }),
             (backup_description(&id), ArchiveKey::BackupDescription { id: id.clone() }),
             (backup_lock(&id), ArchiveKey::BackupLock { id: id.clone() }),
+            (index_batch("2026-11-26", "141503", Lsn(0x3000000)), ArchiveKey::IndexBatch { day: "2026-11-26".into() }),
+            (index_day("2026-11-26"), ArchiveKey::IndexDay { day: "2026-11-26".into() }),
         ];
         for (key, want) in cases {
             crate::storage::validate_key("t", &key).unwrap();

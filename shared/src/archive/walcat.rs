@@ -30,14 +30,47 @@ pub struct WalObjectMeta {
     /// durable, so consolidation loses no precision for the RPO audit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRecord>,
+    /// Commits whose records end in this object (for a chunk; a segment has them per chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<CommitStats>,
+}
+
+/// Commit records ending in a range of WAL: how many, and the first and last commit time
+/// (RFC 3339, µs). Commits are counted where their record ends: that is when they are durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitStats {
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+}
+
+impl CommitStats {
+    pub fn add(&mut self, t: chrono::DateTime<chrono::Utc>) {
+        let s = t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(s.clone());
+        }
+        self.last = Some(s);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
+    #[serde(default = "tli1")]
+    pub timeline: TimelineId,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
     pub sealed_at: String,
     pub durable_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<CommitStats>,
+}
+
+fn tli1() -> TimelineId {
+    TimelineId(1)
 }
 
 /// One object holding WAL bytes `[start, end)` of a timeline.

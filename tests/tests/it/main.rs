@@ -2,6 +2,7 @@
 //! Every test runs against real services started by the harness (`walvault-tests`).
 
 mod agent_stream;
+mod audit;
 mod backup_restore;
 mod harness;
 mod storage_conformance;

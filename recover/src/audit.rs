@@ -1,0 +1,406 @@
+//! `walvault-recover audit`: the RPO actually achieved, from archive metadata alone.
+//!
+//! **Achieved RPO of a commit** = the time its WAL became durable in the archive minus its
+//! commit time (both as recorded: the commit timestamp inside the WAL record, the time the
+//! store acknowledged the object holding the record's last byte). It is what a crash of the
+//! primary at the worst moment would have lost.
+//!
+//! Sources, cheapest first: the commit index (`index/day/*`, `index/batch/*`: a few GETs per
+//! month), then the metadata of segments and chunks the index does not cover yet (one ranged
+//! GET each: recent WAL only). Each chunk record gives its durable time `D`, commit count `n`,
+//! first and last commit times `F`, `L`: its commits' RPOs lie in `[D−L, D−F]`; the maximum
+//! (`D−F`) is exact; percentiles treat the `n` commits as spread evenly between `F` and `L`.
+//! Commits made while the agent or the archive was down are archived late, so an outage shows
+//! as a window of high RPO, never as silence.
+//!
+//! Also reported: gaps (LSN ranges missing between archived WAL, per timeline), timelines, and
+//! the recoverable window. Exit codes: 0 target met and no gaps; 1 target missed or gaps;
+//! 2 error (including an empty archive or a wrong prefix).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use walvault_shared::archive::backup;
+use walvault_shared::archive::envelope;
+use walvault_shared::archive::names;
+use walvault_shared::archive::walcat::{ChunkRecord, WalCatalog, WalObjectMeta};
+use walvault_shared::lsn::{Lsn, TimelineId};
+use walvault_shared::storage::ObjectStore;
+
+pub struct AuditOptions {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub rpo_target: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Period {
+    pub start: String,
+    pub commits: u64,
+    pub max_rpo_s: f64,
+    pub p99_rpo_s: f64,
+    pub p50_rpo_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub timeline: TimelineId,
+    pub first_commit: String,
+    pub last_commit: String,
+    pub durable_at: String,
+    pub commits: u64,
+    pub max_rpo_s: f64,
+    pub lsn_start: Lsn,
+    pub lsn_end: Lsn,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Gap {
+    pub timeline: TimelineId,
+    pub from: Lsn,
+    pub to: Lsn,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditReport {
+    pub archive: String,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub commits: u64,
+    pub max_rpo_s: Option<f64>,
+    pub p99_rpo_s: Option<f64>,
+    pub p50_rpo_s: Option<f64>,
+    pub rpo_target_s: Option<f64>,
+    pub target_met: Option<bool>,
+    pub per_day: Vec<Period>,
+    pub per_hour: Vec<Period>,
+    pub worst_windows: Vec<Window>,
+    pub gaps: Vec<Gap>,
+    pub timelines: Vec<serde_json::Value>,
+    pub recoverable_from: Option<String>,
+    pub recoverable_to_lsn: Option<Lsn>,
+    pub objects_read: usize,
+    pub chunk_records: usize,
+    pub records_without_commit_data: usize,
+    pub pass: bool,
+}
+
+fn parse_t(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// (commit time, rpo seconds, weight)
+type Sample = (DateTime<Utc>, f64, f64);
+
+fn samples_of(r: &ChunkRecord) -> Vec<Sample> {
+    let Some(c) = &r.commits else { return Vec::new() };
+    let (Some(f), Some(l), Some(d)) =
+        (c.first.as_deref().and_then(parse_t), c.last.as_deref().and_then(parse_t), parse_t(&r.durable_at))
+    else {
+        return Vec::new();
+    };
+    if c.count == 0 {
+        return Vec::new();
+    }
+    let k = c.count.min(5);
+    let w = c.count as f64 / k as f64;
+    (0..k)
+        .map(|i| {
+            let frac = if k == 1 { 0.0 } else { i as f64 / (k - 1) as f64 };
+            let t = f + chrono::Duration::microseconds(((l - f).num_microseconds().unwrap_or(0) as f64 * frac) as i64);
+            let rpo = (d - t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            (t, rpo.max(0.0), w)
+        })
+        .collect()
+}
+
+fn weighted_percentile(v: &mut [(f64, f64)], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    let total: f64 = v.iter().map(|x| x.1).sum();
+    let mut acc = 0.0;
+    for (x, w) in v.iter() {
+        acc += w;
+        if acc >= total * p {
+            return *x;
+        }
+    }
+    v.last().map(|x| x.0).unwrap_or(0.0)
+}
+
+fn period(start: String, s: &[Sample]) -> Period {
+    let mut v: Vec<(f64, f64)> = s.iter().map(|x| (x.1, x.2)).collect();
+    Period {
+        start,
+        commits: s.iter().map(|x| x.2).sum::<f64>().round() as u64,
+        max_rpo_s: v.iter().map(|x| x.0).fold(0.0, f64::max),
+        p99_rpo_s: weighted_percentile(&mut v, 0.99),
+        p50_rpo_s: weighted_percentile(&mut v, 0.50),
+    }
+}
+
+pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<AuditReport> {
+    let id = walvault_shared::archive::identity::load(store).await?.with_context(|| {
+        format!(
+            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix",
+            store.url()
+        )
+    })?;
+    let seg = id.wal_segment_size;
+    let listing = store.list_all(names::WAL_PREFIX).await?;
+    if listing.is_empty() {
+        bail!("the archive {} holds no WAL: nothing to audit\nHINT: check the archive URL and prefix, and that walvault-agent run streams into it", store.url());
+    }
+    let mut cat = WalCatalog::empty(seg);
+    let mut modified: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    for o in &listing {
+        cat.add_key(&o.key);
+        if let Some(t) = o.last_modified {
+            modified.insert(o.key.clone(), t);
+        }
+    }
+    let (mut records, mut objects_read) = walvault_shared::archive::index::load_all(store).await?;
+    let indexed: BTreeSet<(TimelineId, Lsn, Lsn)> =
+        records.iter().map(|r| (r.timeline, r.start_lsn, r.end_lsn)).collect();
+    let covered = |tli: TimelineId, s: Lsn, e: Lsn| indexed.range((tli, s, Lsn(0))..(tli, e, Lsn(0))).next().is_some();
+    // Objects the index does not cover yet: read their metadata (one ranged GET each).
+    for o in &listing {
+        let Some(k) = names::parse(&o.key, seg) else { continue };
+        let (tli, s, e, whole) = match k {
+            names::ArchiveKey::Segment(sg) => (sg.timeline, sg.start_lsn(seg), Lsn(sg.start_lsn(seg).0 + seg), true),
+            names::ArchiveKey::Chunk { segment, start, end } => (segment.timeline, start, end, false),
+            _ => continue,
+        };
+        if covered(tli, s, e) {
+            continue;
+        }
+        let raw = store.get_range(&o.key, 0..envelope::HEADER_LEN as u64 + 256 * 1024).await?;
+        objects_read += 1;
+        let (_, meta) = envelope::decode_header(&o.key, &raw)?;
+        let m: WalObjectMeta = serde_json::from_slice(meta).with_context(|| format!("metadata of {}", o.key))?;
+        if whole && !m.chunks.is_empty() {
+            records.extend(m.chunks.iter().cloned().map(|mut c| {
+                c.timeline = tli;
+                c
+            }));
+        } else {
+            let durable = modified.get(&o.key).map(|t| t.to_rfc3339()).unwrap_or_else(|| m.sealed_at.clone());
+            records.push(ChunkRecord {
+                timeline: tli,
+                start_lsn: s,
+                end_lsn: e,
+                sealed_at: m.sealed_at.clone(),
+                durable_at: durable,
+                commits: m.commits.clone(),
+            });
+        }
+    }
+    let in_period = |t: DateTime<Utc>| opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u);
+    let mut samples: Vec<(Sample, usize)> = Vec::new();
+    let mut without = 0;
+    for (i, r) in records.iter().enumerate() {
+        if r.commits.is_none() {
+            without += 1;
+        }
+        for s in samples_of(r) {
+            if in_period(s.0) {
+                samples.push((s, i));
+            }
+        }
+    }
+    let all: Vec<Sample> = samples.iter().map(|x| x.0).collect();
+    // Bucket by whole hours/days since the epoch; format the keys once per bucket.
+    let mut per_day: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
+    let mut per_hour: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
+    for s in &all {
+        let secs = s.0.timestamp();
+        per_day.entry(secs.div_euclid(86400)).or_default().push(*s);
+        per_hour.entry(secs.div_euclid(3600)).or_default().push(*s);
+    }
+    let key = |secs: i64, f: &str| DateTime::from_timestamp(secs, 0).unwrap_or_default().format(f).to_string();
+    // Worst windows: the chunks whose earliest commit waited longest.
+    let mut worst: Vec<Window> = records
+        .iter()
+        .filter_map(|r| {
+            let c = r.commits.as_ref()?;
+            let f = parse_t(c.first.as_deref()?)?;
+            if !in_period(f) {
+                return None;
+            }
+            let d = parse_t(&r.durable_at)?;
+            Some(Window {
+                timeline: r.timeline,
+                first_commit: c.first.clone()?,
+                last_commit: c.last.clone()?,
+                durable_at: r.durable_at.clone(),
+                commits: c.count,
+                max_rpo_s: (d - f).num_microseconds().unwrap_or(0) as f64 / 1e6,
+                lsn_start: r.start_lsn,
+                lsn_end: r.end_lsn,
+            })
+        })
+        .collect();
+    worst.sort_by(|a, b| b.max_rpo_s.partial_cmp(&a.max_rpo_s).unwrap_or(std::cmp::Ordering::Equal));
+    worst.truncate(5);
+    // Gaps and timelines.
+    let mut gaps = Vec::new();
+    let mut timelines = Vec::new();
+    for tli in cat.timelines.keys() {
+        let ranges = cat.ranges(*tli);
+        for w in ranges.windows(2) {
+            gaps.push(Gap { timeline: *tli, from: w[0].1, to: w[1].0 });
+        }
+        timelines.push(serde_json::json!({
+            "timeline": tli,
+            "history_file": cat.histories.contains(tli),
+            "wal": ranges.iter().map(|r| serde_json::json!({"start": r.0, "end": r.1})).collect::<Vec<_>>(),
+        }));
+    }
+    let backups = backup::complete(store, seg).await.unwrap_or_default();
+    let last_tli = cat.highest_timeline();
+    let recoverable_to_lsn = last_tli.and_then(|t| cat.ranges(t).last().map(|r| r.1));
+    let mut all_w: Vec<(f64, f64)> = all.iter().map(|x| (x.1, x.2)).collect();
+    let commits = all.iter().map(|x| x.2).sum::<f64>().round() as u64;
+    let max = all.iter().map(|x| x.1).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let target = opts.rpo_target.map(|d| d.as_secs_f64());
+    let target_met = target.map(|t| max.is_none_or(|m| m <= t));
+    let pass = gaps.is_empty() && target_met.unwrap_or(true);
+    Ok(AuditReport {
+        archive: store.url(),
+        since: opts.since.map(|t| t.to_rfc3339()),
+        until: opts.until.map(|t| t.to_rfc3339()),
+        commits,
+        max_rpo_s: max,
+        p99_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.99)),
+        p50_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.50)),
+        rpo_target_s: target,
+        target_met,
+        per_day: per_day.into_iter().map(|(k, v)| period(key(k * 86400, "%Y-%m-%d"), &v)).collect(),
+        per_hour: per_hour.into_iter().map(|(k, v)| period(key(k * 3600, "%Y-%m-%dT%H:00Z"), &v)).collect(),
+        worst_windows: worst,
+        gaps,
+        timelines,
+        recoverable_from: backups.first().map(|b| format!("{} ({}, backup {})", b.stop_lsn, b.stop_time, b.id)),
+        recoverable_to_lsn,
+        objects_read,
+        chunk_records: records.len(),
+        records_without_commit_data: without,
+        pass,
+    })
+}
+
+pub fn table(r: &AuditReport) -> String {
+    let mut s = String::new();
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+    let _ = writeln!(s, "RPO audit of {}", r.archive);
+    let _ =
+        writeln!(s, "period: {} .. {}", r.since.as_deref().unwrap_or("beginning"), r.until.as_deref().unwrap_or("now"));
+    let _ = writeln!(
+        s,
+        "commits: {}   achieved RPO: max {}  p99 {}  p50 {}",
+        r.commits,
+        f(r.max_rpo_s),
+        f(r.p99_rpo_s),
+        f(r.p50_rpo_s)
+    );
+    if let Some(t) = r.rpo_target_s {
+        let _ = writeln!(s, "RPO target {t:.2} s: {}", if r.target_met == Some(true) { "MET" } else { "MISSED" });
+    }
+    let _ = writeln!(s, "\nper day:\n  {:<12} {:>9} {:>10} {:>10} {:>10}", "day", "commits", "max", "p99", "p50");
+    for p in &r.per_day {
+        let _ = writeln!(
+            s,
+            "  {:<12} {:>9} {:>9.2}s {:>9.2}s {:>9.2}s",
+            p.start, p.commits, p.max_rpo_s, p.p99_rpo_s, p.p50_rpo_s
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nper hour (hours with commits):\n  {:<18} {:>9} {:>10} {:>10} {:>10}",
+        "hour", "commits", "max", "p99", "p50"
+    );
+    for p in &r.per_hour {
+        let _ = writeln!(
+            s,
+            "  {:<18} {:>9} {:>9.2}s {:>9.2}s {:>9.2}s",
+            p.start, p.commits, p.max_rpo_s, p.p99_rpo_s, p.p50_rpo_s
+        );
+    }
+    let _ = writeln!(s, "\nworst windows (commits archived latest):");
+    for w in &r.worst_windows {
+        let _ = writeln!(
+            s,
+            "  {:.2} s: {} commits from {} to {}, durable at {} (timeline {}, {}..{})",
+            w.max_rpo_s, w.commits, w.first_commit, w.last_commit, w.durable_at, w.timeline, w.lsn_start, w.lsn_end
+        );
+    }
+    let _ = writeln!(s, "\ngaps: {}", if r.gaps.is_empty() { "none".to_string() } else { String::new() });
+    for g in &r.gaps {
+        let _ = writeln!(s, "  timeline {}: WAL missing from {} to {}", g.timeline, g.from, g.to);
+    }
+    let _ = writeln!(
+        s,
+        "\nrecoverable from {} to {}",
+        r.recoverable_from.as_deref().unwrap_or("(no complete backup)"),
+        r.recoverable_to_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "read {} objects for {} chunk records ({} without commit data)",
+        r.objects_read, r.chunk_records, r.records_without_commit_data
+    );
+    let _ = writeln!(s, "result: {}", if r.pass { "PASS" } else { "FAIL" });
+    s
+}
+
+/// A self-contained HTML page: an SVG bar chart of the maximum (bars) and p99 (line) RPO per
+/// hour, with the RPO target as a red line, and the report's tables.
+pub fn html(r: &AuditReport) -> String {
+    let (w, h, pad) = (960.0, 320.0, 40.0);
+    let n = r.per_hour.len().max(1) as f64;
+    let ymax = r.per_hour.iter().map(|p| p.max_rpo_s).fold(r.rpo_target_s.unwrap_or(1.0), f64::max).max(0.001) * 1.1;
+    let bw = (w - 2.0 * pad) / n;
+    let y = |v: f64| h - pad - (v / ymax) * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>"
+    );
+    let _ = write!(svg, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#333'/>", h - pad, w - pad, h - pad);
+    let _ = write!(svg, "<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#333'/>", h - pad);
+    let _ = write!(svg, "<text x='4' y='{}'>{ymax:.1}s</text><text x='4' y='{}'>0</text>", pad, h - pad);
+    let mut line = String::new();
+    for (i, p) in r.per_hour.iter().enumerate() {
+        let x = pad + i as f64 * bw;
+        let _ = write!(svg, "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{:.1}' fill='#4a7bd0'><title>{} max {:.2}s p99 {:.2}s p50 {:.2}s, {} commits</title></rect>", x + 1.0, y(p.max_rpo_s), (bw - 2.0).max(1.0), (h - pad - y(p.max_rpo_s)).max(0.0), p.start, p.max_rpo_s, p.p99_rpo_s, p.p50_rpo_s, p.commits);
+        let _ = write!(line, "{:.1},{:.1} ", x + bw / 2.0, y(p.p99_rpo_s));
+    }
+    let _ = write!(svg, "<polyline points='{line}' fill='none' stroke='#e8a33d' stroke-width='2'/>");
+    if let Some(t) = r.rpo_target_s {
+        let _ = write!(svg, "<line x1='{pad}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='red' stroke-dasharray='4'/><text x='{}' y='{:.1}' fill='red'>target {t:.1}s</text>", y(t), w - pad, y(t), w - pad - 70.0, y(t) - 3.0);
+    }
+    if let (Some(first), Some(last)) = (r.per_hour.first(), r.per_hour.last()) {
+        let _ = write!(
+            svg,
+            "<text x='{pad}' y='{}'>{}</text><text x='{}' y='{}' text-anchor='end'>{}</text>",
+            h - 10.0,
+            first.start,
+            w - pad,
+            h - 10.0,
+            last.start
+        );
+    }
+    svg.push_str("</svg>");
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    format!(
+        "<!doctype html><html><head><meta charset='utf-8'><title>walvault RPO audit</title></head><body style='font-family:sans-serif'>\
+         <h1>Achieved RPO: {}</h1><p>Bars: maximum RPO per hour; orange line: p99; red: target. Achieved RPO of a commit = \
+         when its WAL became durable in the archive − its commit time.</p>{svg}<pre>{}</pre></body></html>",
+        esc(&r.archive),
+        esc(&table(r))
+    )
+}
