@@ -37,6 +37,7 @@ if [ "$install" = 1 ]; then
   apt_pkgs=()
   [ -x "$PG_BIN/initdb" ] || apt_pkgs+=(postgresql-15)
   command -v cc >/dev/null || apt_pkgs+=(build-essential)
+  command -v openssl >/dev/null || apt_pkgs+=(openssl)
   python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     sudo_ apt-get update -qq

@@ -158,49 +158,10 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
         bail!("the archive {} holds no WAL: nothing to audit\nHINT: check the archive URL and prefix, and that walvault-agent run streams into it", store.url());
     }
     let mut cat = WalCatalog::empty(seg);
-    let mut modified: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
     for o in &listing {
         cat.add_key(&o.key);
-        if let Some(t) = o.last_modified {
-            modified.insert(o.key.clone(), t);
-        }
     }
-    let (mut records, mut objects_read) = walvault_shared::archive::index::load_all(store).await?;
-    let indexed: BTreeSet<(TimelineId, Lsn, Lsn)> =
-        records.iter().map(|r| (r.timeline, r.start_lsn, r.end_lsn)).collect();
-    let covered = |tli: TimelineId, s: Lsn, e: Lsn| indexed.range((tli, s, Lsn(0))..(tli, e, Lsn(0))).next().is_some();
-    // Objects the index does not cover yet: read their metadata (one ranged GET each).
-    for o in &listing {
-        let Some(k) = names::parse(&o.key, seg) else { continue };
-        let (tli, s, e, whole) = match k {
-            names::ArchiveKey::Segment(sg) => (sg.timeline, sg.start_lsn(seg), Lsn(sg.start_lsn(seg).0 + seg), true),
-            names::ArchiveKey::Chunk { segment, start, end } => (segment.timeline, start, end, false),
-            _ => continue,
-        };
-        if covered(tli, s, e) {
-            continue;
-        }
-        let raw = store.get_range(&o.key, 0..envelope::HEADER_LEN as u64 + 256 * 1024).await?;
-        objects_read += 1;
-        let (_, meta) = envelope::decode_header(&o.key, &raw)?;
-        let m: WalObjectMeta = serde_json::from_slice(meta).with_context(|| format!("metadata of {}", o.key))?;
-        if whole && !m.chunks.is_empty() {
-            records.extend(m.chunks.iter().cloned().map(|mut c| {
-                c.timeline = tli;
-                c
-            }));
-        } else {
-            let durable = modified.get(&o.key).map(|t| t.to_rfc3339()).unwrap_or_else(|| m.sealed_at.clone());
-            records.push(ChunkRecord {
-                timeline: tli,
-                start_lsn: s,
-                end_lsn: e,
-                sealed_at: m.sealed_at.clone(),
-                durable_at: durable,
-                commits: m.commits.clone(),
-            });
-        }
-    }
+    let (records, objects_read) = chunk_records(store, &listing, seg).await?;
     let in_period = |t: DateTime<Utc>| opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u);
     let mut samples: Vec<(Sample, usize)> = Vec::new();
     let mut without = 0;
@@ -293,6 +254,55 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
         records_without_commit_data: without,
         pass,
     })
+}
+
+/// Every archived chunk's record (range, commit statistics, durable time): the commit index
+/// first, then the metadata of the objects it does not cover yet (one ranged GET each).
+/// Returns the records and how many objects were read.
+pub async fn chunk_records(
+    store: &dyn ObjectStore,
+    listing: &[walvault_shared::storage::ObjectMeta],
+    seg: u64,
+) -> Result<(Vec<ChunkRecord>, usize)> {
+    let modified: BTreeMap<&str, DateTime<Utc>> =
+        listing.iter().filter_map(|o| Some((o.key.as_str(), o.last_modified?))).collect();
+    let (mut records, mut objects_read) = walvault_shared::archive::index::load_all(store).await?;
+    let indexed: BTreeSet<(TimelineId, Lsn, Lsn)> =
+        records.iter().map(|r| (r.timeline, r.start_lsn, r.end_lsn)).collect();
+    let covered = |tli: TimelineId, s: Lsn, e: Lsn| indexed.range((tli, s, Lsn(0))..(tli, e, Lsn(0))).next().is_some();
+    // Objects the index does not cover yet: read their metadata (one ranged GET each).
+    for o in listing {
+        let Some(k) = names::parse(&o.key, seg) else { continue };
+        let (tli, s, e, whole) = match k {
+            names::ArchiveKey::Segment(sg) => (sg.timeline, sg.start_lsn(seg), Lsn(sg.start_lsn(seg).0 + seg), true),
+            names::ArchiveKey::Chunk { segment, start, end } => (segment.timeline, start, end, false),
+            _ => continue,
+        };
+        if covered(tli, s, e) {
+            continue;
+        }
+        let raw = store.get_range(&o.key, 0..envelope::HEADER_LEN as u64 + 256 * 1024).await?;
+        objects_read += 1;
+        let (_, meta) = envelope::decode_header(&o.key, &raw)?;
+        let m: WalObjectMeta = serde_json::from_slice(meta).with_context(|| format!("metadata of {}", o.key))?;
+        if whole && !m.chunks.is_empty() {
+            records.extend(m.chunks.iter().cloned().map(|mut c| {
+                c.timeline = tli;
+                c
+            }));
+        } else {
+            let durable = modified.get(o.key.as_str()).map(|t| t.to_rfc3339()).unwrap_or_else(|| m.sealed_at.clone());
+            records.push(ChunkRecord {
+                timeline: tli,
+                start_lsn: s,
+                end_lsn: e,
+                sealed_at: m.sealed_at.clone(),
+                durable_at: durable,
+                commits: m.commits.clone(),
+            });
+        }
+    }
+    Ok((records, objects_read))
 }
 
 pub fn table(r: &AuditReport) -> String {

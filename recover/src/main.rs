@@ -308,6 +308,12 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         parallel: a.parallel,
     };
     let r = restore::restore(store, &opts).await?;
+    if let Some((t, xid, lsn, tli)) = r.last_commit {
+        println!(
+            "the last commit at or before the target: {} (xid {xid}, LSN {lsn}, timeline {tli})",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        );
+    }
     println!(
         "restored backup {} ({} MiB in {:.1} s, {:.0} MiB/s) into {}; WAL is archived up to {} on timeline {}.\nStart PostgreSQL on it to recover to the target: pg_ctl -D {} start",
         r.backup.id,

@@ -244,6 +244,61 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub seconds: f64,
     pub reachable: (TimelineId, Lsn),
+    /// For a time target: the last commit at or before it (time, xid, LSN, timeline).
+    pub last_commit: Option<(chrono::DateTime<chrono::Utc>, u32, Lsn, TimelineId)>,
+}
+
+/// The last commit at or before `target` along `path` (from `from` up to `reach`), found from
+/// the commit index and then exactly by reading the WAL of the chunk that holds it.
+async fn last_commit_before(
+    store: &dyn ObjectStore,
+    cat: &WalCatalog,
+    path: &[PathStep],
+    reach: (TimelineId, Lsn),
+    target: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, u32, Lsn, TimelineId)>> {
+    let listing = store.list_all(names::WAL_PREFIX).await?;
+    let (records, _) = crate::audit::chunk_records(store, &listing, cat.segment_size).await?;
+    let parse = |s: &Option<String>| {
+        s.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&chrono::Utc))
+    };
+    // The newest chunk on the path whose first commit is at or before the target.
+    let mut best: Option<&walvault_shared::archive::walcat::ChunkRecord> = None;
+    for r in &records {
+        let Some(step) = path.iter().find(|s| s.timeline == r.timeline) else { continue };
+        let until = step.until.unwrap_or(reach.1);
+        if r.start_lsn < step.from.segment_start(cat.segment_size) || r.end_lsn > until.max(reach.1) {
+            continue;
+        }
+        let Some(c) = &r.commits else { continue };
+        if c.count == 0 || parse(&c.first).is_none_or(|f| f > target) {
+            continue;
+        }
+        if best.is_none_or(|b| (r.timeline, r.end_lsn) > (b.timeline, b.end_lsn)) {
+            best = Some(r);
+        }
+    }
+    let Some(r) = best else { return Ok(None) };
+    // Read that chunk's WAL from its segment's start to find the exact commit.
+    let seg_start = r.start_lsn.segment_start(cat.segment_size);
+    let Ok(pieces) = cat.pieces_for(r.timeline, seg_start, r.end_lsn) else { return Ok(None) };
+    let mut reader = walvault_shared::walreader::WalReader::new(seg_start, cat.segment_size);
+    let mut found = None;
+    let mut pos = seg_start;
+    for p in pieces {
+        let raw = store.get(&p.key).await?;
+        let c = envelope::decode(&p.key, &raw)?.content;
+        let a = (pos.0 - p.start.0) as usize;
+        let b = (p.end.min(r.end_lsn).0 - p.start.0) as usize;
+        for e in reader.feed(&c[a..b.min(c.len())]) {
+            use walvault_shared::walreader::EventKind;
+            if matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared) && e.time() <= target {
+                found = Some((e.time(), e.xid, e.lsn, r.timeline));
+            }
+        }
+        pos = p.end.min(r.end_lsn);
+    }
+    Ok(found)
 }
 
 /// Check everything, then restore. Nothing is written before every check has passed.
@@ -310,6 +365,10 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
         }
         _ => {}
     }
+    let last_commit = match &opts.target {
+        Target::Time(t) => last_commit_before(&*store, &cat, &path, reachable, t.with_timezone(&chrono::Utc)).await?,
+        _ => None,
+    };
     // PGDATA.
     if !is_empty_dir(&opts.pgdata)? {
         if !opts.force {
@@ -428,5 +487,11 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
             let _ = std::process::Command::new("chown").args(["-R", &format!("{owner}:"), &a.location]).output();
         }
     }
-    Ok(RestoreReport { backup: chosen.clone(), bytes: done, seconds: t0.elapsed().as_secs_f64(), reachable })
+    Ok(RestoreReport {
+        backup: chosen.clone(),
+        bytes: done,
+        seconds: t0.elapsed().as_secs_f64(),
+        reachable,
+        last_commit,
+    })
 }

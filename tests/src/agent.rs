@@ -1,6 +1,6 @@
 //! Running the real `walvault-agent` binary in tests, and reading back what it archived.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,10 @@ use crate::{free_port, test_root};
 /// tests/run.sh builds them (`cargo build --workspace --bins`) before the tests.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/debug/deps/it-HASH -> target/debug/NAME
-    let dir = exe.parent().and_then(Path::parent).context("test binary location")?;
+    // target/debug/deps/it-HASH -> target/debug/NAME; a binary in target/debug itself (bench)
+    // finds it beside itself.
+    let beside = exe.parent().context("binary location")?;
+    let dir = if beside.ends_with("deps") { beside.parent().context("test binary location")? } else { beside };
     let p = dir.join(name);
     if !p.exists() {
         bail!("{} not found\nHINT: build it first: cargo build --workspace --bins (tests/run.sh does)", p.display());

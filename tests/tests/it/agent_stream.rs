@@ -436,3 +436,55 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).unwrap(), 2);
     assert!(agent.log_text().contains("unknown field"), "{}", agent.log_text());
 }
+
+/// TLS with libpq's sslmode semantics, against a server that only accepts SSL connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sslmodes() {
+    let pg = PgCluster::init("tls", opts()).unwrap();
+    let certs = pg.dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(&certs).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // A CA, a server certificate for localhost/127.0.0.1 signed by it, and an unrelated CA.
+    sh("openssl req -new -x509 -days 2 -nodes -subj /CN=walvault-test-ca -keyout ca.key -out ca.crt 2>/dev/null");
+    sh("openssl req -new -x509 -days 2 -nodes -subj /CN=other-ca -keyout other.key -out other.crt 2>/dev/null");
+    sh("openssl req -new -nodes -subj /CN=localhost -keyout server.key -out server.csr 2>/dev/null");
+    sh("printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > ext.cnf && openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out server.crt 2>/dev/null");
+    for f in ["server.key", "server.crt"] {
+        walvault_tests::pg::chown_to_pg(&certs.join(f)).unwrap();
+        std::fs::set_permissions(certs.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    walvault_tests::pg::chown_to_pg(&certs).unwrap();
+    pg.add_settings(&[
+        "ssl = on",
+        &format!("ssl_cert_file = '{}'", certs.join("server.crt").display()),
+        &format!("ssl_key_file = '{}'", certs.join("server.key").display()),
+    ])
+    .unwrap();
+    // Only SSL connections over TCP.
+    let hba = pg.data.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap().replace("\nhost ", "\nhostssl ");
+    std::fs::write(&hba, text).unwrap();
+    pg.start().unwrap();
+    let archive = Archive::local();
+    let ca = certs.join("ca.crt");
+    // localhost resolves to 127.0.0.1 here; the certificate names both.
+    let url = |mode: &str, root: &std::path::Path| {
+        format!("postgresql://postgres@localhost:{}/postgres?sslmode={mode}&sslrootcert={}", pg.port, root.display())
+    };
+    for mode in ["verify-full", "verify-ca", "require", "prefer"] {
+        let mut agent = archive.agent(&url(mode, &ca), &[]);
+        wait_streaming(&mut agent).await;
+        assert_eq!(agent.stop().unwrap(), 0, "{mode}");
+    }
+    // disable: the server refuses non-SSL connections.
+    let mut agent = archive.agent(&url("disable", &ca), &[]);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).unwrap(), 1);
+    assert!(agent.log_text().contains("no pg_hba.conf entry"), "{}", agent.log_text());
+    // verify-full against the wrong CA: refused.
+    let mut agent = archive.agent(&url("verify-full", &certs.join("other.crt")), &[]);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).unwrap(), 1);
+    assert!(agent.log_text().contains("TLS handshake"), "{}", agent.log_text());
+}

@@ -76,6 +76,13 @@ async fn outage_shows_as_rpo_window_and_gaps_are_exact() {
     assert!(r["commits"].as_u64().unwrap() >= 100, "{r:#}");
     assert_eq!(r["target_met"], false);
     assert!(r["gaps"].as_array().unwrap().is_empty());
+    // The human-readable report (docs/audit.md shows one).
+    let out = std::process::Command::new(workspace_binary("walvault-recover").unwrap())
+        .args(["audit", "--archive", &archive, "--rpo-target", "5s"])
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1));
     // Before the outage, with the agent running normally: the RPO stays near chunk_interval.
     let (code, r, err) = audit(&archive, &["--until", &before_outage.to_rfc3339(), "--rpo-target", "3s"]);
     assert_eq!(code, 0, "{err}\n{r:#}");

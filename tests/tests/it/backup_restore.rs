@@ -41,6 +41,10 @@ async fn flush_lsn(pg: &PgCluster) -> Lsn {
 /// Restore into a fresh directory, check the base with pg_verifybackup, start it, wait for
 /// recovery to finish, and return the cluster.
 async fn restore_and_start(archive: &str, target: &[&str]) -> PgCluster {
+    restore_and_start_with_output(archive, target).await.0
+}
+
+async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgCluster, String) {
     let dir = PgCluster::fresh_dir("restored").unwrap();
     let data = dir.join("data");
     let owner = PgCluster::pg_user_name();
@@ -66,7 +70,7 @@ async fn restore_and_start(archive: &str, target: &[&str]) -> PgCluster {
     for _ in 0..1200 {
         if let Ok(r) = pg.query_one_text("SELECT pg_is_in_recovery()").await {
             if r == "f" {
-                return pg;
+                return (pg, out);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -141,8 +145,16 @@ async fn backup_then_point_in_time_restores() {
     let t21 = chrono::DateTime::parse_from_str(&times[15].1, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
     assert_eq!(times[14].0, 20);
     let target = t20 + (t21 - t20) / 2;
-    let r = restore_and_start(&archive, &["--target-time", &target.to_rfc3339()]).await;
+    let (r, out) = restore_and_start_with_output(&archive, &["--target-time", &target.to_rfc3339()]).await;
     assert_eq!(ids(&r).await, (1..=20).collect::<Vec<_>>(), "exactly the rows committed by the target time");
+    // Restore names the last commit at or before the target, found in the archived WAL: row
+    // 20's commit, just after its clock_timestamp() and before the target.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("the last commit at or before the target: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let t = chrono::DateTime::parse_from_rfc3339(line.split(": ").nth(1).unwrap().split(' ').next().unwrap()).unwrap();
+    assert!(t >= t20 && t <= target, "last commit {t} should be row 20's ({t20} .. {target})");
     drop(r);
 
     // Target LSN after row 40's commit position (before 41).
