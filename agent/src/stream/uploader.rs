@@ -48,8 +48,43 @@ pub struct UploadConfig {
 pub struct FatalUpload(#[from] pub PutOnceError);
 
 enum Done {
-    Chunk { seq: u64, end: Lsn, record: ChunkRecord },
+    Chunk { seq: u64, end: Lsn, record: ChunkRecord, frame: Frame },
     Segment,
+}
+
+/// A durable chunk's compressed payload (one zstd frame) and its plain checksum: a whole segment
+/// is the concatenation of its chunks' frames (zstd decodes concatenated frames as one stream),
+/// so consolidation does not compress the segment a second time.
+struct Frame {
+    timeline: walvault_shared::lsn::TimelineId,
+    end: Lsn,
+    payload: Bytes,
+    plain_crc: u32,
+    plain_len: u64,
+}
+
+/// The segment `[start, end)` of `tli` as an envelope built from durable chunk frames, if they
+/// cover it exactly and contiguously.
+fn segment_from_frames(
+    frames: &BTreeMap<Lsn, Frame>,
+    tli: walvault_shared::lsn::TimelineId,
+    start: Lsn,
+    end: Lsn,
+    meta: &WalObjectMeta,
+) -> Option<Bytes> {
+    let mut pos = start;
+    let mut payload = bytes::BytesMut::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut len = 0u64;
+    while pos < end {
+        let f = frames.get(&pos).filter(|f| f.timeline == tli && f.end <= end)?;
+        payload.extend_from_slice(&f.payload);
+        crc.combine(&crc32fast::Hasher::new_with_initial_len(f.plain_crc, f.plain_len));
+        len += f.plain_len;
+        pos = f.end;
+    }
+    let meta = serde_json::to_vec(meta).ok()?;
+    Some(envelope::encode_raw(ObjectKind::WalSegment, &meta, len, crc.finalize(), Compression::Zstd, &payload).into())
 }
 
 fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
@@ -71,6 +106,7 @@ pub async fn run(
     let mut next_seq = first_seq;
     let mut done: BTreeMap<u64, Lsn> = BTreeMap::new();
     let mut records: HashMap<u64, ChunkRecord> = HashMap::new();
+    let mut frames: BTreeMap<Lsn, Frame> = BTreeMap::new();
     let mut segments: VecDeque<Job> = VecDeque::new();
     let mut open = true;
     // Commit index: records of consolidated segments, written as a batch every few minutes.
@@ -136,9 +172,16 @@ pub async fn run(
                 commits: None,
             };
             index_batch.extend(meta.chunks.iter().cloned());
+            let prebuilt = segment_from_frames(&frames, segment.timeline, start, end, &meta);
+            // Frames up to this segment's end are no longer needed.
+            frames.retain(|s, f| f.timeline != segment.timeline || *s >= end);
             let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
             in_flight.push(tokio::spawn(async move {
-                upload(&*store, &cfg, &metrics, &key, ObjectKind::WalSegment, &meta, data).await?;
+                let object = match prebuilt {
+                    Some(o) => o,
+                    None => encode(ObjectKind::WalSegment, &meta, &data, cfg.zstd_level).await,
+                };
+                upload(&*store, &cfg, &metrics, &key, object, data).await?;
                 metrics.segments_archived.inc();
                 // The segment now holds these bytes: its chunks can go.
                 let prefix = format!("{key}.");
@@ -176,7 +219,16 @@ pub async fn run(
                     let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
                     in_flight.push(tokio::spawn(async move {
                         let len = data.len() as u64;
-                        upload(&*store, &cfg, &metrics, &key, ObjectKind::WalChunk, &meta, data).await?;
+                        let object = encode(ObjectKind::WalChunk, &meta, &data, cfg.zstd_level).await;
+                        let (header, _) = envelope::decode_header(&key, &object).expect("our own envelope");
+                        let frame = Frame {
+                            timeline: meta.timeline,
+                            end,
+                            payload: object.slice(header.payload_offset()..),
+                            plain_crc: header.plain_crc,
+                            plain_len: header.plain_len,
+                        };
+                        upload(&*store, &cfg, &metrics, &key, object, data).await?;
                         metrics.chunks_archived.inc();
                         metrics.wal_bytes_archived.add(len);
                         let record = ChunkRecord {
@@ -187,7 +239,7 @@ pub async fn run(
                             sealed_at: meta.sealed_at.clone(),
                             durable_at: rfc3339(chrono::Utc::now()),
                         };
-                        Ok(Done::Chunk { seq, end, record })
+                        Ok(Done::Chunk { seq, end, record, frame })
                     }));
                 }
                 Some(seg @ Job::Segment { .. }) => segments.push_back(seg),
@@ -195,7 +247,8 @@ pub async fn run(
             Some(res) = in_flight.next() => {
                 let res = res.unwrap_or_else(|e| panic!("upload task panicked: {e}"));
                 match res? {
-                    Done::Chunk { seq, end, record } => {
+                    Done::Chunk { seq, end, record, frame } => {
+                        frames.insert(record.start_lsn, frame);
                         done.insert(seq, end);
                         records.insert(seq, record);
                         let mut advanced = None;
@@ -223,24 +276,24 @@ pub async fn run(
     }
 }
 
-/// Encode and write one object, retrying everything but split brain.
+/// Compress and wrap WAL bytes in the envelope, off the async threads.
+async fn encode(kind: ObjectKind, meta: &WalObjectMeta, data: &Bytes, level: i32) -> Bytes {
+    let (meta, content) = (meta.clone(), data.clone());
+    tokio::task::spawn_blocking(move || envelope::encode(kind, &meta, &content, Compression::Zstd, level))
+        .await
+        .expect("encode task")
+        .into()
+}
+
+/// Write one encoded object (plain content `data`), retrying everything but split brain.
 async fn upload(
     store: &dyn ObjectStore,
     cfg: &UploadConfig,
     metrics: &Metrics,
     key: &str,
-    kind: ObjectKind,
-    meta: &WalObjectMeta,
+    object: Bytes,
     data: Bytes,
 ) -> Result<(), FatalUpload> {
-    let level = cfg.zstd_level;
-    let meta_c = meta.clone();
-    let content = data.clone();
-    let object: Bytes =
-        tokio::task::spawn_blocking(move || envelope::encode(kind, &meta_c, &content, Compression::Zstd, level))
-            .await
-            .expect("encode task")
-            .into();
     let policy = RetryPolicy { initial: Duration::from_millis(200), max: Duration::from_secs(10), max_attempts: None };
     let mut attempt = 0u32;
     loop {
@@ -266,5 +319,49 @@ async fn upload(
         let delay = policy.delay(attempt);
         tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, "upload {key} failed: {err}");
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walvault_shared::lsn::TimelineId;
+
+    #[test]
+    fn segment_from_chunk_frames_decodes_to_the_whole_segment() {
+        let tli = TimelineId(1);
+        let meta = |s: u64, e: u64| WalObjectMeta {
+            timeline: tli,
+            start_lsn: Lsn(s),
+            end_lsn: Lsn(e),
+            segment_size: 1 << 20,
+            sealed_at: String::new(),
+            chunks: vec![],
+            commits: None,
+        };
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut frames = BTreeMap::new();
+        for (s, e) in [(0u64, 1000u64), (1000, 300_000), (300_000, 1 << 20)] {
+            let o = envelope::encode(
+                ObjectKind::WalChunk,
+                &meta(s, e),
+                &data[s as usize..e as usize],
+                Compression::Zstd,
+                1,
+            );
+            let (h, _) = envelope::decode_header("k", &o).unwrap();
+            let payload = Bytes::from(o).slice(h.payload_offset()..);
+            frames.insert(
+                Lsn(s),
+                Frame { timeline: tli, end: Lsn(e), payload, plain_crc: h.plain_crc, plain_len: h.plain_len },
+            );
+        }
+        let seg = segment_from_frames(&frames, tli, Lsn(0), Lsn(1 << 20), &meta(0, 1 << 20))
+            .expect("frames cover the segment");
+        let d = envelope::decode("seg", &seg).unwrap();
+        assert!(d.content == data);
+        // A hole: no prebuilt segment (the uploader then compresses the segment itself).
+        frames.remove(&Lsn(1000));
+        assert!(segment_from_frames(&frames, tli, Lsn(0), Lsn(1 << 20), &meta(0, 1 << 20)).is_none());
     }
 }
