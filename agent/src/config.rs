@@ -71,6 +71,10 @@ pub struct FileConfig {
     pub backup_part_size: Option<String>,
     pub retain_full: Option<usize>,
     pub retain_days: Option<u32>,
+    /// `true`: `run` takes no base backups (the flag `--no-backups`).
+    pub no_backups: Option<bool>,
+    /// `true`: spread the backup checkpoint (the flag `--spread-checkpoint`).
+    pub spread_checkpoint: Option<bool>,
 }
 
 impl FileConfig {

@@ -185,13 +185,14 @@ fn settings(a: RunArgs) -> Result<RunSettings, ConfigError> {
             force_path_style: a.s3_force_path_style || file.s3_force_path_style.unwrap_or(false),
             ..Default::default()
         };
+        let no_backups = a.no_backups || file.no_backups.unwrap_or(false);
         let backup_at = a.backup_at.or(file.backup_at).map(|s| config::parse_daily_time(&s)).transpose()?;
         let wal_volume = a.backup_wal_volume.or(file.backup_wal_volume).map(|s| config::parse_bytes(&s)).transpose()?;
         let schedule = config::Schedule {
             interval: a.backup_interval.or(file.backup_interval),
             daily_at: backup_at,
             wal_volume: wal_volume.map(|v| v as u64),
-            initial: !a.no_backups,
+            initial: !no_backups,
         };
         let bd = basebackup::BackupConfig::default();
         let backup = basebackup::BackupConfig {
@@ -199,14 +200,14 @@ fn settings(a: RunArgs) -> Result<RunSettings, ConfigError> {
                 Some(s) => config::parse_bytes(&s)?.max(1 << 20),
                 None => bd.part_size,
             },
-            fast_checkpoint: !a.spread_checkpoint,
+            fast_checkpoint: !(a.spread_checkpoint || file.spread_checkpoint.unwrap_or(false)),
             ..bd
         };
         let retention = retention::RetentionPolicy {
             retain_full: a.retention.retain_full.or(file.retain_full),
             retain_days: a.retention.retain_days.or(file.retain_days),
         };
-        let schedule = if a.no_backups { config::Schedule::default() } else { schedule };
+        let schedule = if no_backups { config::Schedule::default() } else { schedule };
         Ok(RunSettings {
             pg_url,
             archive,

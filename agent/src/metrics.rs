@@ -69,10 +69,11 @@ pub struct Metrics {
     pub upload_retries: Counter,
     pub upload_errors: Counter,
     pub reconnects: Counter,
-    /// Unix ms when the watermark last caught up with what had been received.
+    /// Unix ms when the watermark last advanced.
     last_archived_ms: Gauge,
-    /// Unix ms when received WAL first got ahead of the watermark (0: caught up).
-    behind_since_ms: Gauge,
+    /// (end LSN received, Unix ms when received), oldest first, at most one entry per 100 ms:
+    /// the age of the oldest entry above the watermark is the archive lag in seconds.
+    received_at: Mutex<std::collections::VecDeque<(u64, u64)>>,
     last_error: Mutex<Option<(String, String)>>,
     pub system_identifier: Gauge,
     pub segment_size: Gauge,
@@ -92,26 +93,38 @@ fn now_ms() -> u64 {
 impl Metrics {
     pub fn set_received(&self, lsn: Lsn) {
         self.received_lsn.set(lsn.0);
-        if lsn.0 > self.archived_lsn.get() && self.behind_since_ms.get() == 0 {
-            self.behind_since_ms.set(now_ms());
+        let now = now_ms();
+        let mut q = self.received_at.lock().unwrap();
+        match q.back_mut() {
+            // Within 100 ms of the newest entry: extend it (its time stays the earliest).
+            Some(b) if now < b.1 + 100 => b.0 = b.0.max(lsn.0),
+            _ => q.push_back((lsn.0, now)),
+        }
+        // Bounded: merge the two oldest entries (keeping the older time) when it grows.
+        if q.len() > 10_000 {
+            if let (Some(a), Some(b)) = (q.pop_front(), q.pop_front()) {
+                q.push_front((b.0, a.1));
+            }
         }
     }
 
-    /// The watermark advanced; if it caught up with what was received, the lag clock stops.
+    /// The watermark advanced: forget what it now covers.
     pub fn mark_archived_now(&self) {
         self.last_archived_ms.set(now_ms());
-        if self.archived_lsn.get() >= self.received_lsn.get() {
-            self.behind_since_ms.set(0);
-        } else {
-            // Still behind: the oldest unarchived byte arrived no earlier than now-ish; keep
-            // the clock running from when we first fell behind.
+        let archived = self.archived_lsn.get();
+        let mut q = self.received_at.lock().unwrap();
+        while q.front().is_some_and(|f| f.0 <= archived) {
+            q.pop_front();
         }
     }
 
+    /// How long the oldest received-but-not-yet-durable WAL has been waiting (0: none waits).
     pub fn lag_seconds(&self) -> f64 {
-        match self.behind_since_ms.get() {
-            0 => 0.0,
-            t => now_ms().saturating_sub(t) as f64 / 1000.0,
+        let archived = self.archived_lsn.get();
+        let q = self.received_at.lock().unwrap();
+        match q.iter().find(|e| e.0 > archived) {
+            Some(e) => now_ms().saturating_sub(e.1) as f64 / 1000.0,
+            None => 0.0,
         }
     }
 

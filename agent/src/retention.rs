@@ -117,8 +117,14 @@ pub async fn expire(
     }
     doomed.sort();
     tracing::info!(count = doomed.len(), %cutoff, dry_run, "expiring WAL below the oldest kept backup");
+    // One INFO line per timeline directory with the first and last key; every key at DEBUG.
+    let mut by_dir: std::collections::BTreeMap<&str, Vec<&String>> = Default::default();
     for k in &doomed {
+        by_dir.entry(k.rsplit_once('/').map(|x| x.0).unwrap_or("")).or_default().push(k);
         tracing::debug!(key = %k, dry_run, "expire WAL object");
+    }
+    for (dir, keys) in by_dir {
+        tracing::info!(dry_run, "expire {} WAL objects in {dir}/: {} .. {}", keys.len(), keys[0], keys[keys.len() - 1]);
     }
     if !dry_run {
         store.delete(&doomed).await?;

@@ -446,6 +446,16 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
         drop(tx);
         extractor.await??;
     }
+    // A cluster whose postgresql.conf lived outside its data directory (Debian keeps it in
+    // /etc/postgresql) has none in the backup: PostgreSQL refuses to start without one.
+    let conf = opts.pgdata.join("postgresql.conf");
+    if !conf.exists() {
+        std::fs::write(&conf, "# Created by walvault-recover restore: the backed-up cluster kept its postgresql.conf\n# outside the data directory. Copy your settings here (port, memory, ...).\n")?;
+        eprintln!(
+            "restore: the backup has no postgresql.conf (the server kept it outside its data directory); created an empty one in {}: add your settings before starting",
+            opts.pgdata.display()
+        );
+    }
     // The server's manifest, for pg_verifybackup.
     let mkey = names::backup_manifest(&chosen.id);
     let manifest = envelope::decode(&mkey, &store.get(&mkey).await?)?.content;

@@ -164,7 +164,14 @@ async fn session(
         .into());
     }
     let ours = Identity::new(system.system_identifier, version / 10000, segment_size);
-    identity::ensure(&**store, &ours).await.map_err(|e| anyhow::Error::new(Fatal(e)))?;
+    // Another cluster's archive is final; a store that is down is retried like any outage.
+    identity::ensure(&**store, &ours).await.map_err(|e| {
+        if e.downcast_ref::<identity::Mismatch>().is_some() {
+            anyhow::Error::new(Fatal(e))
+        } else {
+            e.context("check the archive's identity")
+        }
+    })?;
     metrics.system_identifier.set(system.system_identifier);
     metrics.segment_size.set(segment_size);
 

@@ -11,6 +11,11 @@ use super::envelope::{self, Compression, ObjectKind};
 use super::names;
 use crate::storage::{ObjectStore, PutMode, StorageError};
 
+/// The archive belongs to another cluster (or a newer format): retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(pub String);
+
 /// What makes two clusters' WAL compatible.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,18 +38,18 @@ impl Identity {
             system_identifier: system_identifier.to_string(),
             pg_major,
             wal_segment_size,
-            created_at: chrono::Utc::now().to_rfc3339(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         }
     }
 
     /// Whether WAL from `other` may go into an archive stamped `self`; `Err` says why not.
     pub fn check_compatible(&self, other: &Identity, url: &str) -> anyhow::Result<()> {
         let mismatch = |what: &str, ours: &dyn std::fmt::Display, theirs: &dyn std::fmt::Display| {
-            anyhow::anyhow!(
+            anyhow::Error::new(Mismatch(format!(
                 "archive {url} belongs to another cluster: its {what} is {ours}, this server's is {theirs}\n\
                  HINT: each cluster needs its own archive; use a different archive URL or prefix \
                  (a cluster rebuilt by initdb or pg_upgrade is a new cluster)"
-            )
+            )))
         };
         if self.system_identifier != other.system_identifier {
             return Err(mismatch("system identifier", &self.system_identifier, &other.system_identifier));
@@ -69,12 +74,13 @@ pub async fn load(store: &dyn ObjectStore) -> anyhow::Result<Option<Identity>> {
     let d = envelope::decode(names::IDENTITY, &bytes)?.expect_kind(names::IDENTITY, ObjectKind::Identity)?;
     let id: Identity = d.metadata_as(names::IDENTITY)?;
     if id.format_version > envelope::FORMAT_VERSION {
-        anyhow::bail!(
+        return Err(Mismatch(format!(
             "archive {} uses format version {}, newer than this walvault ({})\nHINT: upgrade walvault",
             store.url(),
             id.format_version,
             envelope::FORMAT_VERSION
-        );
+        ))
+        .into());
     }
     Ok(Some(id))
 }
