@@ -131,7 +131,7 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
     let mut child: Child = match a {
         Archiver::Walvault { agent, chunk_interval } => Command::new(agent)
             .args(["run", "--pg-url", &format!("{} application_name={app}", pg.conn_str("postgres", "postgres"))])
-            .args(["--archive", out_dir.to_str().unwrap(), "--chunk-interval", chunk_interval])
+            .args(["--archive", out_dir.to_str().unwrap(), "--chunk-interval", chunk_interval, "--no-backups"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -203,7 +203,7 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
     // Sample (time, server flush, archiver flush) every 100 ms.
     let mut samples: Vec<(Instant, u64, u64)> = Vec::new();
     let q = format!(
-        "SELECT pg_current_wal_flush_lsn()::text, coalesce((SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = '{app}'), '0/0')"
+        "SELECT pg_current_wal_flush_lsn()::text, coalesce((SELECT max(flush_lsn)::text FROM pg_stat_replication WHERE application_name = '{app}'), '0/0')"
     );
     let mut done_at: Option<Instant> = None;
     loop {
