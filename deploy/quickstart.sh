@@ -27,8 +27,9 @@ command -v cargo >/dev/null || { echo "needs a Rust toolchain 1.85 or newer: htt
 rustc_minor=$(rustc --version | awk '{split($2, v, "."); print v[2]}')
 [ "${rustc_minor:-0}" -ge 85 ] || { echo "rustc $(rustc --version) is too old: walvault needs 1.85 or newer (rustup update)" >&2; exit 1; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
-cargo build --release -p walvault-agent
+cargo build --release -p walvault-agent -p walvault-recover
 AGENT=$CARGO_TARGET_DIR/release/walvault-agent
+RECOVER=$CARGO_TARGET_DIR/release/walvault-recover
 
 if [ "$(id -u)" = 0 ]; then
   id walvault-pg >/dev/null 2>&1 || useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin walvault-pg
@@ -53,9 +54,11 @@ as_pg "$PG_BIN/pgbench" -h "$DIR" -p $PORT -U postgres -i -s 5 -q postgres >/dev
 as_pg "$PG_BIN/pgbench" -h "$DIR" -p $PORT -U postgres -T 10 -c 2 -n postgres | grep -E '^tps'
 sleep 2
 echo "== agent status (http://127.0.0.1:9187/status)"
-exec 3<>/dev/tcp/127.0.0.1/9187 && printf 'GET /status HTTP/1.0\r\n\r\n' >&3 && sed -n '/^{/p' <&3 | tr ',' '\n'; exec 3<&-
+exec 3<>/dev/tcp/127.0.0.1/9187 && printf 'GET /status HTTP/1.0\r\n\r\n' >&3 && sed -n '/^{/p' <&3 | tr ',' '\n'; echo; exec 3<&-
 echo "== server flush LSN: $(as_pg "$PG_BIN/psql" -h "$DIR" -p $PORT -U postgres -Atc 'select pg_current_wal_flush_lsn()' postgres)"
 echo "== archive ($DIR/archive), newest objects:"
 (cd "$DIR/archive" && find . -path ./.tmp -prune -o -type f -print | sort | tail -n 8)
+echo "== walvault-recover list --archive file://$DIR/archive"
+"$RECOVER" list --archive "file://$DIR/archive"
 kill -TERM $agent_pid; wait $agent_pid && echo "== agent stopped cleanly (exit 0); its log: $DIR/agent.log"
 agent_pid=""
