@@ -379,7 +379,7 @@ async fn load_prefix(
                 .await
                 .ok()
                 .and_then(|h| h.last_modified)
-                .map(|t| t.to_rfc3339())
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
                 .unwrap_or_else(|| m.sealed_at.clone());
             records.push(ChunkRecord {
                 timeline: tli,
