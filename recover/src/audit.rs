@@ -291,7 +291,10 @@ pub async fn chunk_records(
                 c
             }));
         } else {
-            let durable = modified.get(o.key.as_str()).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_else(|| m.sealed_at.clone());
+            let durable = modified
+                .get(o.key.as_str())
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .unwrap_or_else(|| m.sealed_at.clone());
             records.push(ChunkRecord {
                 timeline: tli,
                 start_lsn: s,

@@ -305,12 +305,7 @@ impl Connection {
         loop {
             match self.read_message().await? {
                 Msg::Backend(backend::Message::DataRow(r)) => {
-                    let buf = r.buffer_bytes().clone();
-                    let mut ranges = r.ranges();
-                    let mut row = Vec::new();
-                    while let Some(range) = ranges.next()? {
-                        row.push(range.map(|rg| buf.slice(rg)));
-                    }
+                    let row = data_row(&r)?;
                     rows.push(row);
                 }
                 Msg::Backend(backend::Message::ErrorResponse(e)) => error = Some(PgError::from_fields(e.fields())),
@@ -452,12 +447,7 @@ impl Connection {
                     loop {
                         match self.read_message().await? {
                             Msg::Backend(backend::Message::DataRow(r)) => {
-                                let buf = r.buffer_bytes().clone();
-                                let mut ranges = r.ranges();
-                                let mut row: Row = Vec::new();
-                                while let Some(range) = ranges.next()? {
-                                    row.push(range.map(|rg| buf.slice(rg)));
-                                }
+                                let row = data_row(&r)?;
                                 let tli: u32 = text(&row, 0)?.parse().context("next timeline")?;
                                 let lsn: Lsn = text(&row, 1)?.parse().context("next timeline start")?;
                                 next = Some((TimelineId(tli), lsn));
@@ -572,12 +562,7 @@ impl Connection {
         loop {
             match self.read_message().await? {
                 Msg::Backend(backend::Message::DataRow(r)) => {
-                    let buf = r.buffer_bytes().clone();
-                    let mut ranges = r.ranges();
-                    let mut row = Vec::new();
-                    while let Some(range) = ranges.next()? {
-                        row.push(range.map(|rg| buf.slice(rg)));
-                    }
+                    let row = data_row(&r)?;
                     current.push(row);
                 }
                 Msg::Backend(backend::Message::CommandComplete(_)) => results.push(std::mem::take(&mut current)),
@@ -637,12 +622,7 @@ impl Connection {
                     loop {
                         match self.read_message().await? {
                             Msg::Backend(backend::Message::DataRow(r)) => {
-                                let buf = r.buffer_bytes().clone();
-                                let mut ranges = r.ranges();
-                                let mut row: Row = Vec::new();
-                                while let Some(range) = ranges.next()? {
-                                    row.push(range.map(|rg| buf.slice(rg)));
-                                }
+                                let row = data_row(&r)?;
                                 end = Some((text(&row, 0)?.parse()?, TimelineId(text(&row, 1)?.parse()?)));
                             }
                             Msg::Backend(backend::Message::ErrorResponse(e)) => {
@@ -672,6 +652,17 @@ impl Connection {
 enum Msg {
     Backend(backend::Message),
     CopyBoth,
+}
+
+/// A DataRow's columns as slices of its buffer (`None`: SQL NULL).
+fn data_row(r: &backend::DataRowBody) -> Result<Row> {
+    let buf = r.buffer_bytes().clone();
+    let mut ranges = r.ranges();
+    let mut row = Vec::new();
+    while let Some(range) = ranges.next()? {
+        row.push(range.map(|rg| buf.slice(rg)));
+    }
+    Ok(row)
 }
 
 fn opt_text(row: &Row, i: usize) -> Result<Option<&str>> {
