@@ -7,7 +7,8 @@
 //!
 //! Sources, cheapest first: the commit index (`index/day/*`, `index/batch/*`: a few GETs per
 //! month), then the metadata of segments and chunks the index does not cover yet (one ranged
-//! GET each: recent WAL only). Each chunk record gives its durable time `D`, commit count `n`,
+//! GET each: recent WAL only), and for objects written without commit statistics, their WAL
+//! itself (one GET per segment, read with `shared::walreader`). Each chunk record gives its durable time `D`, commit count `n`,
 //! first and last commit times `F`, `L`: its commits' RPOs lie in `[D−L, D−F]`; the maximum
 //! (`D−F`) is exact; percentiles treat the `n` commits as spread evenly between `F` and `L`.
 //! Commits made while the agent or the archive was down are archived late, so an outage shows
@@ -305,7 +306,66 @@ pub async fn chunk_records(
             });
         }
     }
+    objects_read += rebuild_missing_commit_stats(store, listing, seg, &mut records).await?;
     Ok((records, objects_read))
+}
+
+/// Objects written without commit statistics (by an older agent, or a session that could not
+/// parse its WAL): read their WAL from the segment's start and count the commits whose records
+/// end inside each record's range. One GET per segment involved. Returns the objects read.
+async fn rebuild_missing_commit_stats(
+    store: &dyn ObjectStore,
+    listing: &[walvault_shared::storage::ObjectMeta],
+    seg: u64,
+    records: &mut [ChunkRecord],
+) -> Result<usize> {
+    if records.iter().all(|r| r.commits.is_some()) {
+        return Ok(0);
+    }
+    let mut cat = WalCatalog::empty(seg);
+    for o in listing {
+        cat.add_key(&o.key);
+    }
+    let mut reads = 0;
+    // Segment content by (timeline, segment start), read once.
+    let mut cache: BTreeMap<(TimelineId, Lsn), Vec<u8>> = BTreeMap::new();
+    for r in records.iter_mut().filter(|r| r.commits.is_none()) {
+        let start = r.start_lsn.segment_start(seg);
+        if !cache.contains_key(&(r.timeline, start)) {
+            let end = cat.contiguous_end(r.timeline, start).min(Lsn(start.0 + seg));
+            let Ok(pieces) = cat.pieces_for(r.timeline, start, end) else { continue };
+            let mut bytes = Vec::new();
+            let mut pos = start;
+            for p in pieces {
+                let raw = store.get(&p.key).await?;
+                reads += 1;
+                let c = envelope::decode(&p.key, &raw)?.content;
+                let a = (pos.0 - p.start.0) as usize;
+                let b = ((p.end.min(end).0 - p.start.0) as usize).min(c.len());
+                bytes.extend_from_slice(&c[a..b]);
+                pos = p.end.min(end);
+            }
+            cache.insert((r.timeline, start), bytes);
+        }
+        let bytes = &cache[&(r.timeline, start)];
+        let upto = ((r.end_lsn.0 - start.0) as usize).min(bytes.len());
+        if upto < (r.end_lsn.0 - start.0) as usize {
+            continue; // the archive does not hold this range contiguously from the segment start
+        }
+        let mut reader = walvault_shared::walreader::WalReader::new(start, seg);
+        let mut stats = walvault_shared::archive::walcat::CommitStats::default();
+        for e in reader.feed(&bytes[..upto]) {
+            use walvault_shared::walreader::EventKind;
+            if e.end > r.start_lsn
+                && e.end <= r.end_lsn
+                && matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared)
+            {
+                stats.add(e.time());
+            }
+        }
+        r.commits = Some(stats);
+    }
+    Ok(reads)
 }
 
 pub fn table(r: &AuditReport) -> String {
