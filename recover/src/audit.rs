@@ -331,7 +331,7 @@ async fn rebuild_missing_commit_stats(
     let mut cache: BTreeMap<(TimelineId, Lsn), Vec<u8>> = BTreeMap::new();
     for r in records.iter_mut().filter(|r| r.commits.is_none()) {
         let start = r.start_lsn.segment_start(seg);
-        if !cache.contains_key(&(r.timeline, start)) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = cache.entry((r.timeline, start)) {
             let end = cat.contiguous_end(r.timeline, start).min(Lsn(start.0 + seg));
             let Ok(pieces) = cat.pieces_for(r.timeline, start, end) else { continue };
             let mut bytes = Vec::new();
@@ -345,7 +345,7 @@ async fn rebuild_missing_commit_stats(
                 bytes.extend_from_slice(&c[a..b]);
                 pos = p.end.min(end);
             }
-            cache.insert((r.timeline, start), bytes);
+            slot.insert(bytes);
         }
         let bytes = &cache[&(r.timeline, start)];
         let upto = ((r.end_lsn.0 - start.0) as usize).min(bytes.len());
