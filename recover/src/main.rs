@@ -7,7 +7,7 @@
 //!
 //! `audit` exits 0 when the RPO target is met and there are no gaps, 1 when not, 2 on error.
 //!
-//! Not implemented yet: `verify` (restore drills), `restore --start`.
+//! Not implemented yet: `verify` (restore drills).
 
 mod audit;
 mod restore;
@@ -170,6 +170,98 @@ struct RestoreArgs {
     /// Segments the restore_command prefetches ahead of replay (0: off).
     #[arg(long, default_value_t = 4)]
     prefetch: u32,
+    /// Start PostgreSQL on the restored directory, wait until recovery reaches the target, and
+    /// report the last replayed commit (needs --pg-bin). The server is left running.
+    #[arg(long, requires = "pg_bin")]
+    start: bool,
+    /// PostgreSQL's bin directory (pg_ctl, psql), e.g. /usr/lib/postgresql/15/bin.
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+    /// Port for the started server.
+    #[arg(long, default_value_t = 5433)]
+    port: u16,
+    /// Database user for the checks of --start (connects over the Unix socket in /tmp).
+    #[arg(long, default_value = "postgres")]
+    pg_user: String,
+}
+
+/// A PostgreSQL program run as `owner` (when we are root), else as ourselves.
+fn pg_cmd(bin: &std::path::Path, program: &str, owner: Option<&str>) -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(bin.join(program));
+    // SAFETY: geteuid has no preconditions.
+    if let (Some(o), true) = (owner, unsafe { libc::geteuid() } == 0) {
+        let name = std::ffi::CString::new(o)?;
+        // SAFETY: getpwnam returns static storage or null; the ids are copied at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            bail!("no such user {o:?}");
+        }
+        // SAFETY: non-null getpwnam result.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        c.uid(uid).gid(gid);
+    }
+    c.stdin(std::process::Stdio::null());
+    Ok(c)
+}
+
+/// `--start`: start the restored server and wait for recovery to reach its target.
+fn start_and_wait(a: &RestoreArgs) -> Result<()> {
+    let bin = a.pg_bin.as_ref().context("--start needs --pg-bin")?;
+    let owner = a.owner.as_deref();
+    let log = a.pgdata.join("walvault-restore-start.log");
+    let opts = format!("-p {} -c unix_socket_directories=/tmp -c listen_addresses=''", a.port);
+    let out = pg_cmd(bin, "pg_ctl", owner)?
+        .arg("-D")
+        .arg(&a.pgdata)
+        .args(["-o", &opts, "-l"])
+        .arg(&log)
+        .args(["-w", "-t", "600", "start"])
+        .output()?;
+    if !out.status.success() {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        bail!(
+            "pg_ctl start failed: {}{}\n{tail}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "restore: PostgreSQL started on port {} (socket in /tmp); waiting for recovery to reach the target",
+        a.port
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        let q = pg_cmd(bin, "psql", owner)?
+            .args(["-h", "/tmp", "-p", &a.port.to_string(), "-U", &a.pg_user, "-d", "postgres", "-AtX", "-c"])
+            .arg(
+                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END, \
+                 coalesce(pg_last_xact_replay_timestamp()::text, '-')",
+            )
+            .output()?;
+        let text = String::from_utf8_lossy(&q.stdout).trim().to_string();
+        let cols: Vec<&str> = text.split('|').collect();
+        let done = match (a.target_action.as_str(), cols.as_slice()) {
+            (_, ["f", _, _]) => true,
+            ("pause", ["t", "paused", _]) => true,
+            _ => false,
+        };
+        // With target-action shutdown the server stops by itself at the target.
+        let stopped = a.target_action == "shutdown" && !a.pgdata.join("postmaster.pid").exists();
+        if done || stopped {
+            let last = cols.get(2).copied().unwrap_or("-");
+            println!(
+                "recovery reached the target after {:.1} s; last replayed commit: {last}{}",
+                t0.elapsed().as_secs_f64(),
+                if stopped { " (server shut down at the target)" } else { "" }
+            );
+            return Ok(());
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(3600) {
+            bail!("recovery did not reach the target within an hour; see {}", log.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 async fn list(a: ArchiveArgs, json: bool) -> Result<()> {
@@ -325,6 +417,9 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         r.reachable.0,
         a.pgdata.display()
     );
+    if a.start {
+        start_and_wait(&a)?;
+    }
     Ok(())
 }
 

@@ -157,6 +157,47 @@ async fn backup_then_point_in_time_restores() {
     assert!(t >= t20 && t <= target, "last commit {t} should be row 20's ({t20} .. {target})");
     drop(r);
 
+    // --start: restore starts the server itself, waits for the target and reports the last
+    // replayed commit (row 20's).
+    let dir = PgCluster::fresh_dir("restored-start").unwrap();
+    let data = dir.join("data");
+    let port = walvault_tests::free_port().unwrap().to_string();
+    let owner = PgCluster::pg_user_name();
+    let pg_bin = walvault_tests::pg::pg_bin();
+    let (code, out, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--owner",
+            &owner,
+            "--target-time",
+            &target.to_rfc3339(),
+            "--start",
+            "--pg-bin",
+            pg_bin.to_str().unwrap(),
+            "--port",
+            &port,
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line = out.lines().find(|l| l.contains("last replayed commit: ")).unwrap_or_else(|| panic!("{out}"));
+    let replayed = line.split("last replayed commit: ").nth(1).unwrap().trim();
+    let replayed = chrono::DateTime::parse_from_str(replayed, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
+    assert!(replayed >= t20 && replayed <= target, "last replayed commit {replayed} is row 20's");
+    let stop = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pg_ctl").unwrap())
+        .unwrap()
+        .arg("-D")
+        .arg(&data)
+        .args(["-m", "immediate", "-w", "stop"])
+        .output()
+        .unwrap();
+    assert!(stop.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+
     // Target LSN after row 40's commit position (before 41).
     let r = restore_and_start(&archive, &["--target-lsn", &lsn_after_40.to_string()]).await;
     assert_eq!(ids(&r).await, (1..=40).collect::<Vec<_>>());
