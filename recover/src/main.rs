@@ -241,11 +241,8 @@ fn start_and_wait(a: &RestoreArgs) -> Result<()> {
             .output()?;
         let text = String::from_utf8_lossy(&q.stdout).trim().to_string();
         let cols: Vec<&str> = text.split('|').collect();
-        let done = match (a.target_action.as_str(), cols.as_slice()) {
-            (_, ["f", _, _]) => true,
-            ("pause", ["t", "paused", _]) => true,
-            _ => false,
-        };
+        let done =
+            matches!((a.target_action.as_str(), cols.as_slice()), (_, ["f", _, _]) | ("pause", ["t", "paused", _]));
         // With target-action shutdown the server stops by itself at the target.
         let stopped = a.target_action == "shutdown" && !a.pgdata.join("postmaster.pid").exists();
         if done || stopped {
