@@ -25,20 +25,9 @@ use serde::Deserialize;
 
 use crate::stream::StreamConfig;
 
-/// Parse `8MiB`, `8MB`, `512kB`, `4096`.
+/// Parse `8MiB`, `8MB`, `512kB`, `4096` (binary multiples).
 pub fn parse_bytes(s: &str) -> Result<usize> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: usize = n.parse().with_context(|| format!("invalid size {s:?}"))?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" | "KiB" | "k" => 1 << 10,
-        "MB" | "MiB" | "M" => 1 << 20,
-        "GB" | "GiB" | "G" => 1 << 30,
-        u => bail!("invalid size unit {u:?} in {s:?}; use B, KiB, MiB or GiB"),
-    };
-    Ok(n * mult)
+    Ok(crate::replication::parse_size(s)? as usize)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -333,18 +333,8 @@ async fn rebuild_missing_commit_stats(
         let start = r.start_lsn.segment_start(seg);
         if let std::collections::btree_map::Entry::Vacant(slot) = cache.entry((r.timeline, start)) {
             let end = cat.contiguous_end(r.timeline, start).min(Lsn(start.0 + seg));
-            let Ok(pieces) = cat.pieces_for(r.timeline, start, end) else { continue };
-            let mut bytes = Vec::new();
-            let mut pos = start;
-            for p in pieces {
-                let raw = store.get(&p.key).await?;
-                reads += 1;
-                let c = envelope::decode(&p.key, &raw)?.content;
-                let a = (pos.0 - p.start.0) as usize;
-                let b = ((p.end.min(end).0 - p.start.0) as usize).min(c.len());
-                bytes.extend_from_slice(&c[a..b]);
-                pos = p.end.min(end);
-            }
+            let Ok(bytes) = cat.read_range(store, r.timeline, start, end).await else { continue };
+            reads += cat.pieces_for(r.timeline, start, end).map(|p| p.len()).unwrap_or(0);
             slot.insert(bytes);
         }
         let bytes = &cache[&(r.timeline, start)];

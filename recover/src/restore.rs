@@ -281,22 +281,14 @@ async fn last_commit_before(
     let Some(r) = best else { return Ok(None) };
     // Read that chunk's WAL from its segment's start to find the exact commit.
     let seg_start = r.start_lsn.segment_start(cat.segment_size);
-    let Ok(pieces) = cat.pieces_for(r.timeline, seg_start, r.end_lsn) else { return Ok(None) };
+    let bytes = cat.read_range(store, r.timeline, seg_start, r.end_lsn).await?;
     let mut reader = walvault_shared::walreader::WalReader::new(seg_start, cat.segment_size);
     let mut found = None;
-    let mut pos = seg_start;
-    for p in pieces {
-        let raw = store.get(&p.key).await?;
-        let c = envelope::decode(&p.key, &raw)?.content;
-        let a = (pos.0 - p.start.0) as usize;
-        let b = (p.end.min(r.end_lsn).0 - p.start.0) as usize;
-        for e in reader.feed(&c[a..b.min(c.len())]) {
-            use walvault_shared::walreader::EventKind;
-            if matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared) && e.time() <= target {
-                found = Some((e.time(), e.xid, e.lsn, r.timeline));
-            }
+    for e in reader.feed(&bytes) {
+        use walvault_shared::walreader::EventKind;
+        if matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared) && e.time() <= target {
+            found = Some((e.time(), e.xid, e.lsn, r.timeline));
         }
-        pos = p.end.min(r.end_lsn);
     }
     Ok(found)
 }

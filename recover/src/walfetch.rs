@@ -65,19 +65,7 @@ async fn segment(store: &dyn ObjectStore, seg: &SegmentName, segment_size: u64) 
     if end == start {
         return Ok(None);
     }
-    let pieces = cat.pieces_for(seg.timeline, start, end).map_err(|at| anyhow::anyhow!("chunk at {at} vanished"))?;
-    let mut out = Vec::with_capacity(segment_size as usize);
-    let mut pos = start;
-    for p in pieces {
-        let c = get_decoded(store, &p.key).await?.with_context(|| format!("chunk {} vanished while reading", p.key))?;
-        let a = (pos.0 - p.start.0) as usize;
-        let b = (p.end.0 - p.start.0) as usize;
-        if c.len() < b {
-            anyhow::bail!("object {} is shorter than its name says", p.key);
-        }
-        out.extend_from_slice(&c[a..b]);
-        pos = p.end;
-    }
+    let mut out = cat.read_range(store, seg.timeline, start, end).await?;
     out.resize(segment_size as usize, 0);
     Ok(Some(out))
 }

@@ -221,18 +221,5 @@ pub async fn read_wal(
     to: Lsn,
     segment_size: u64,
 ) -> Result<Vec<u8>> {
-    let cat = WalCatalog::load(store, segment_size).await?;
-    let pieces =
-        cat.pieces_for(tli, from, to).map_err(|at| anyhow::anyhow!("archive has no WAL at {at} on timeline {tli}"))?;
-    let mut out = Vec::new();
-    let mut pos = from;
-    for p in pieces {
-        let raw = store.get(&p.key).await?;
-        let content = envelope::decode(&p.key, &raw)?.content;
-        let a = (pos.0 - p.start.0) as usize;
-        let b = (p.end.min(to).0 - p.start.0) as usize;
-        out.extend_from_slice(&content[a..b]);
-        pos = p.end.min(to);
-    }
-    Ok(out)
+    WalCatalog::load(store, segment_size).await?.read_range(store, tli, from, to).await
 }

@@ -681,7 +681,8 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Parse a GUC size as `SHOW` prints it: `16MB`, `1GB`, `512kB`, `8192` (bytes).
+/// Parse a size as `SHOW` prints it (`16MB`, `1GB`, `512kB`, `8192` bytes), also accepting
+/// `KiB`/`MiB`/`GiB` and `k`/`M`/`G` (all binary multiples, as PostgreSQL's units are).
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -689,10 +690,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let n: u64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
-        "kB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        "TB" => 1 << 40,
+        "kB" | "KB" | "KiB" | "k" => 1 << 10,
+        "MB" | "MiB" | "M" => 1 << 20,
+        "GB" | "GiB" | "G" => 1 << 30,
+        "TB" | "TiB" => 1 << 40,
         u => bail!("invalid size unit {u:?} in {s:?}"),
     };
     Ok(n * mult)
