@@ -340,6 +340,12 @@ async fn backup_during_pgbench_restores_consistent() {
     assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
     let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(desc["archives"][0]["parts"].as_array().unwrap().len() > 1, "several parts: {desc}");
+    eprintln!(
+        "backup of {} MiB in {:.1} s (stored {} MiB)",
+        desc["raw_bytes"].as_u64().unwrap() >> 20,
+        desc["duration_seconds"].as_f64().unwrap(),
+        desc["stored_bytes"].as_u64().unwrap() >> 20
+    );
     assert!(load.join().unwrap().status.success());
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
