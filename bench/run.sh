@@ -7,14 +7,20 @@
 #
 # What is compared (see the module docs of bench/src/main.rs and bench/src/bin/backup.rs):
 #   1. WAL streaming under pgbench: walvault-agent vs pg_receivewal (lag, CPU/GiB, RSS, stored size)
-#   2. base backup: walvault-agent backup vs pg_basebackup -Ft -Z client-zstd
-#   3. restore MB/s, and replay of the WAL after the backup: wal-fetch with/without prefetch vs pg_wal
-# Not yet compared: pgBackRest (archive-push async, backup, restore, archive-get).
+#   2. base backup: walvault-agent backup vs pg_basebackup -Ft -Z client-zstd vs pgbackrest
+#      backup --type=full (zst, process-max 1 and 2)
+#   3. restore MB/s (vs pgbackrest restore), and replay of the WAL after the backup: wal-fetch
+#      with/without prefetch vs pg_wal
+# Not yet compared: pgBackRest archive-push (async) for streaming, archive-get for replay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
+if ! command -v pgbackrest >/dev/null; then
+  sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  sudo_ apt-get update -qq && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest
+fi
 cargo build --release -p walvault-agent -p walvault-recover
 cargo build -p walvault-bench
 out=$(mktemp -d)

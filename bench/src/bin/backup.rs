@@ -3,9 +3,11 @@
 //! On one PostgreSQL 15 cluster filled by `pgbench -i -s SCALE`, with walvault-agent streaming
 //! into a local archive:
 //! 1. base backup: `walvault-agent backup` vs `pg_basebackup -Ft -Z zstd` (client-side zstd, no
-//!    WAL): MB/s of database, CPU seconds, peak RSS, stored size;
+//!    WAL) vs `pgbackrest backup --type=full` (zst, process-max 1 and 2; when pgbackrest is
+//!    installed): MB/s of database, CPU seconds, peak RSS, stored size;
 //! 2. pgbench writes `--wal-mib` of WAL after the backup;
-//! 3. restore: `walvault-recover restore --latest`: MB/s (database bytes / wall time);
+//! 3. restore: `walvault-recover restore --latest` vs `pgbackrest restore` (process-max 2): MB/s
+//!    (database bytes / wall time);
 //! 4. replay of that WAL by PostgreSQL: through wal-fetch with prefetch, without prefetch, and
 //!    with the WAL already in pg_wal (the physical limit): seconds from start to promotion.
 //!
@@ -93,9 +95,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[derive(Default, Clone)]
 struct Run {
     db_mib: f64,
-    wv: (f64, f64, f64, f64),  // wall, cpu, rss, stored MiB
-    pgb: (f64, f64, f64, f64), // same for pg_basebackup
+    wv: (f64, f64, f64, f64),    // wall, cpu, rss, stored MiB
+    pgb: (f64, f64, f64, f64),   // same for pg_basebackup
+    pgbr1: (f64, f64, f64, f64), // pgbackrest process-max 1
+    pgbr2: (f64, f64, f64, f64), // pgbackrest process-max 2
     restore_wall: f64,
+    pgbr_restore_wall: f64,
     replay_prefetch: f64,
     replay_noprefetch: f64,
     replay_local: f64,
@@ -207,6 +212,50 @@ async fn one(cli: &Cli) -> Result<Run> {
     let (w, cpu, rss) = measured(c)?;
     run.pgb = (w, cpu, rss, dir_size(&bdir) as f64 / (1 << 20) as f64);
     std::fs::remove_dir_all(&bdir)?;
+    // pgBackRest, full backups with zst, 1 and 2 processes; then its restore.
+    let pgbr_dir = PgCluster::fresh_dir("bench-pgbackrest")?;
+    for pmax in [1, 2] {
+        let repo = pgbr_dir.join(format!("repo{pmax}"));
+        let conf = pgbr_dir.join(format!("pgbackrest{pmax}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "[global]\nrepo1-path={}\ncompress-type=zst\nlog-level-console=error\nlog-level-file=off\nlock-path={}\nspool-path={}\n\
+                 start-fast=y\narchive-check=n\nrepo1-retention-full=9\nprocess-max={pmax}\n\n[bench]\npg1-path={}\n\
+                 pg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+                repo.display(),
+                pgbr_dir.join("lock").display(),
+                pgbr_dir.join("spool").display(),
+                pg.data.display(),
+                pg.port,
+                pg.socket_dir.display()
+            ),
+        )?;
+        walvault_tests::pg::chown_to_pg(&conf)?;
+        let pgbr = |args: &[&str]| -> Result<Command> {
+            let mut c = pg_command(Path::new("/usr/bin/pgbackrest"))?;
+            c.arg(format!("--config={}", conf.display())).arg("--stanza=bench").args(args);
+            Ok(c)
+        };
+        let o = pgbr(&["stanza-create"])?.output()?;
+        if !o.status.success() {
+            bail!("pgbackrest stanza-create: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let (w, cpu, rss) = measured(pgbr(&["--type=full", "backup"])?)?;
+        let r = (w, cpu, rss, dir_size(&repo) as f64 / (1 << 20) as f64);
+        if pmax == 1 {
+            run.pgbr1 = r;
+        } else {
+            run.pgbr2 = r;
+            let target = pgbr_dir.join("restore");
+            std::fs::create_dir_all(&target)?;
+            walvault_tests::pg::chown_to_pg(&target)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))?;
+            let (w, _, _) = measured(pgbr(&[&format!("--pg1-path={}", target.display()), "restore"])?)?;
+            run.pgbr_restore_wall = w;
+        }
+    }
+    std::fs::remove_dir_all(&pgbr_dir)?;
     // WAL after the backup, for the replay measurement.
     let start: walvault_shared::lsn::Lsn = pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse()?;
     let target = start.0 + (cli.wal_mib << 20);
@@ -266,20 +315,31 @@ async fn main() -> Result<()> {
     };
     row(&mut s, "walvault-agent backup (zstd 3, 2 parts in parallel)", &|r| r.wv);
     row(&mut s, "pg_basebackup -Ft -Z client-zstd", &|r| r.pgb);
+    row(&mut s, "pgbackrest backup --type=full zst, process-max 1", &|r| r.pgbr1);
+    row(&mut s, "pgbackrest backup --type=full zst, process-max 2", &|r| r.pgbr2);
+    let ratio = |s: &mut String, name: &str, f: &dyn Fn(&Run) -> (f64, f64, f64, f64)| {
+        let _ = writeln!(
+            s,
+            "ratio walvault/{name}: time {:.2}, CPU {:.2}, RSS {:.2}, stored {:.2}",
+            m(&|r| r.wv.0) / m(&|r| f(r).0),
+            m(&|r| r.wv.1) / m(&|r| f(r).1),
+            m(&|r| r.wv.2) / m(&|r| f(r).2),
+            m(&|r| r.wv.3) / m(&|r| f(r).3)
+        );
+    };
+    writeln!(s)?;
+    ratio(&mut s, "pg_basebackup", &|r| r.pgb);
+    ratio(&mut s, "pgbackrest process-max 2", &|r| r.pgbr2);
+    writeln!(s, "\n| restore | seconds | MiB/s of database |")?;
+    writeln!(s, "|---|---:|---:|")?;
+    let (wr, pr) = (m(&|r| r.restore_wall), m(&|r| r.pgbr_restore_wall));
     writeln!(
         s,
-        "\nratio walvault/pg_basebackup: time {:.2}, CPU {:.2}, RSS {:.2}, stored {:.2}",
-        m(&|r| r.wv.0) / m(&|r| r.pgb.0),
-        m(&|r| r.wv.1) / m(&|r| r.pgb.1),
-        m(&|r| r.wv.2) / m(&|r| r.pgb.2),
-        m(&|r| r.wv.3) / m(&|r| r.pgb.3)
+        "| walvault-recover restore --latest (local archive, 4 parts in parallel) | {wr:.1} | {:.0} |",
+        db / wr
     )?;
-    writeln!(
-        s,
-        "\nrestore (walvault-recover restore --latest, local archive): {:.1} s, {:.0} MiB/s of database",
-        m(&|r| r.restore_wall),
-        db / m(&|r| r.restore_wall)
-    )?;
+    writeln!(s, "| pgbackrest restore (process-max 2) | {pr:.1} | {:.0} |", db / pr)?;
+    writeln!(s, "\nratio walvault/pgbackrest restore time: {:.2}", wr / pr)?;
     writeln!(s, "\n| replay of the WAL after the backup | seconds | ratio to pg_wal |")?;
     writeln!(s, "|---|---:|---:|")?;
     let local = m(&|r| r.replay_local);
