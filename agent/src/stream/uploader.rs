@@ -114,10 +114,8 @@ pub async fn run(
     let mut index_since = std::time::Instant::now();
     let mut index_day = chrono::Utc::now().format("%Y-%m-%d").to_string();
     loop {
-        if !index_batch.is_empty()
-            && (index_batch.len() >= 4096
-                || index_since.elapsed() >= INDEX_INTERVAL
-                || (!open && in_flight.is_empty() && segments.is_empty()))
+        let draining = !open && in_flight.is_empty() && segments.is_empty();
+        if !index_batch.is_empty() && (index_batch.len() >= 4096 || index_since.elapsed() >= INDEX_INTERVAL || draining)
         {
             let batch = std::mem::take(&mut index_batch);
             index_since = std::time::Instant::now();
@@ -126,7 +124,8 @@ pub async fn run(
             index_day = today.clone();
             let store = store.clone();
             // Best effort and off the critical path: the audit falls back to segment metadata.
-            tokio::spawn(async move {
+            // The last batch (the stream is ending) is awaited so that it is not lost at exit.
+            let write = tokio::spawn(async move {
                 let policy = RetryPolicy { max_attempts: Some(5), ..Default::default() };
                 if let Err(e) = policy
                     .run("write commit index batch", || async {
@@ -144,6 +143,9 @@ pub async fn run(
                     }
                 }
             });
+            if draining {
+                let _ = write.await;
+            }
         }
         // Start whole-segment uploads whose chunks are all durable.
         while segments.front().is_some_and(|j| matches!(j, Job::Segment { after_seq, .. } if *after_seq < next_seq)) {
