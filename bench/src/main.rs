@@ -158,6 +158,15 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
         }
     };
     let pid = child.id();
+    // Stop the archiver even when this run fails half way.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child's PID.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _guard = KillOnDrop(pid);
     let client = pg.connect().await?;
     // Wait for the archiver to stream.
     let t0 = Instant::now();
