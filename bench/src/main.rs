@@ -166,7 +166,7 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
             unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
         }
     }
-    let _guard = KillOnDrop(pid);
+    let guard = KillOnDrop(pid);
     let client = pg.connect().await?;
     // Wait for the archiver to stream.
     let t0 = Instant::now();
@@ -244,6 +244,8 @@ async fn one_run(a: &Archiver, scale: u32, seconds: u32) -> Result<RunResult> {
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
+    // Reaped: its PID may be reused, so the guard must not fire.
+    std::mem::forget(guard);
     let mut lag_s = Vec::new();
     let mut lag_bytes = Vec::new();
     for (i, &(t, s, f)) in samples.iter().enumerate() {
