@@ -280,9 +280,7 @@ async fn backup_once(s: RunSettings) -> Result<()> {
 
 async fn expire_once(s: RunSettings, dry_run: bool, json: bool) -> Result<()> {
     let store = walvault_shared::storage::open(&s.archive, &s.s3).await?;
-    let id = walvault_shared::archive::identity::load(&*store).await?.context(
-        "the archive has no walvault.repository: nothing was ever archived there\nHINT: check the archive URL",
-    )?;
+    let id = walvault_shared::archive::identity::load_existing(&*store).await?;
     if !s.retention.is_set() {
         return Err(ConfigError(anyhow::anyhow!(
             "no retention policy given\nHINT: --retain-full N and/or --retain-days D (or retain_full/retain_days in the config file)"

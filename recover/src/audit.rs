@@ -147,12 +147,7 @@ fn period(start: String, s: &[Sample]) -> Period {
 }
 
 pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<AuditReport> {
-    let id = walvault_shared::archive::identity::load(store).await?.with_context(|| {
-        format!(
-            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix",
-            store.url()
-        )
-    })?;
+    let id = walvault_shared::archive::identity::load_existing(store).await?;
     let seg = id.wal_segment_size;
     let listing = store.list_all(names::WAL_PREFIX).await?;
     if listing.is_empty() {

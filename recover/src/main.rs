@@ -263,12 +263,7 @@ fn start_and_wait(a: &RestoreArgs) -> Result<()> {
 
 async fn list(a: ArchiveArgs, json: bool) -> Result<()> {
     let store = walvault_shared::storage::open_existing(&a.archive, &a.s3()).await?;
-    let id = walvault_shared::archive::identity::load(&*store).await?.with_context(|| {
-        format!(
-            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix",
-            store.url()
-        )
-    })?;
+    let id = walvault_shared::archive::identity::load_existing(&*store).await?;
     let seg = id.wal_segment_size;
     let entries = backup::list(&*store, seg).await?;
     let cat = WalCatalog::load(&*store, seg).await?;
@@ -454,7 +449,7 @@ fn main() -> ExitCode {
         Cmd::WalPrefetch { archive, spool, count, after } => {
             let _ = rt.block_on(async {
                 let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
-                let id = walvault_shared::archive::identity::load(&*store).await?.context("not a walvault archive")?;
+                let id = walvault_shared::archive::identity::load_existing(&*store).await?;
                 let seg = walvault_shared::wal::SegmentName::parse(&after, id.wal_segment_size)?;
                 walfetch::prefetch(&*store, &spool, &seg, count, id.wal_segment_size).await
             });
@@ -464,7 +459,7 @@ fn main() -> ExitCode {
             let spool = walfetch::spool_dir(&dest);
             let r: Result<walfetch::Fetched> = rt.block_on(async {
                 let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
-                let id = walvault_shared::archive::identity::load(&*store).await?.context("not a walvault archive")?;
+                let id = walvault_shared::archive::identity::load_existing(&*store).await?;
                 let seg = walvault_shared::wal::SegmentName::parse(&walfile, id.wal_segment_size).ok();
                 let fetched = if seg.is_some() && walfetch::take_from_spool(&spool, &walfile, &dest) {
                     walfetch::Fetched::Written

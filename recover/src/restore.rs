@@ -295,12 +295,7 @@ async fn last_commit_before(
 
 /// Check everything, then restore. Nothing is written before every check has passed.
 pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Result<RestoreReport> {
-    let identity = walvault_shared::archive::identity::load(&*store).await?.with_context(|| {
-        format!(
-            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix",
-            store.url()
-        )
-    })?;
+    let identity = walvault_shared::archive::identity::load_existing(&*store).await?;
     let seg = identity.wal_segment_size;
     let backups = backup::complete(&*store, seg).await?;
     let cat = WalCatalog::load(&*store, seg).await?;

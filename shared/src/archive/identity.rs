@@ -85,6 +85,17 @@ pub async fn load(store: &dyn ObjectStore) -> anyhow::Result<Option<Identity>> {
     Ok(Some(id))
 }
 
+/// Read the identity of a repository that must already exist (readers: list, restore, audit,
+/// wal-fetch, expire); a missing stamp is an error with a hint.
+pub async fn load_existing(store: &dyn ObjectStore) -> anyhow::Result<Identity> {
+    load(store).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix; nothing was ever archived there",
+            store.url()
+        )
+    })
+}
+
 /// Stamp a new repository with `ours`, or check an existing stamp against it. Two agents
 /// stamping at once: one wins, the other reads and checks the winner's stamp.
 pub async fn ensure(store: &dyn ObjectStore, ours: &Identity) -> anyhow::Result<Identity> {

@@ -171,7 +171,6 @@ async fn commit_is_archived_within_chunk_interval() {
     }
     // chunk_interval (1 s) plus slack for a loaded 2-core machine; the distribution is in bench/.
     assert!(worst < Duration::from_secs(4), "a commit took {worst:?} to be archived");
-    assert!(worst > Duration::from_millis(0));
     // Metrics and health while streaming.
     let (code, metrics) = agent.http_get("/metrics").await.unwrap();
     assert_eq!(code, 200);
