@@ -1,46 +1,78 @@
 #!/usr/bin/env bash
 # Benchmarks of walvault against the tools users compare it with, side by side in one run,
-# reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15).
+# reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15,
+# SeaweedFS in /opt/walvault-test-env); installs pgbackrest and time from apt if missing.
 #
-#   bench/run.sh            full run (medians of 3; about 20-30 minutes on 2 cores)
-#   bench/run.sh --quick    smaller workloads, one run each (a few minutes; a smoke test)
+#   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (about 25 minutes
+#                           on 2 cores, after the release build)
+#   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
+#                           (a smoke test: about 3 minutes)
 #
-# What is compared (see the module docs of bench/src/main.rs and bench/src/bin/backup.rs):
-#   1. WAL streaming under pgbench: walvault-agent vs pg_receivewal (lag, CPU/GiB, RSS, stored size)
-#   2. base backup: walvault-agent backup vs pg_basebackup -Ft -Z client-zstd vs pgbackrest
-#      backup --type=full (zst, process-max 1 and 2)
-#   3. restore MB/s (vs pgbackrest restore), and replay of the WAL after the backup: wal-fetch
-#      with/without prefetch vs pg_wal
-# Not yet compared: pgBackRest archive-push (async) for streaming, archive-get for replay.
+# What is compared (module docs of bench/src/main.rs and bench/src/bin/backup.rs say how):
+#   1. WAL archiving under a bulk load and under OLTP: walvault-agent (local dir and S3) vs
+#      pg_receivewal (default and --synchronous) vs pgbackrest archive-push async vs no archiver:
+#      lag, CPU per GiB, peak RSS, stored size, load time / TPS
+#   2. commit-to-archive latency of walvault at chunk intervals 200ms, 1s, 5s
+#   3. base backup vs pg_basebackup and pgbackrest backup; restore vs pgbackrest restore; replay
+#      through wal-fetch vs pgbackrest archive-get vs WAL in pg_wal
+# Everything runs under a private directory that is removed at exit, with every server stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
-if ! command -v pgbackrest >/dev/null; then
-  sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-  sudo_ apt-get update -qq && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v pgbackrest >/dev/null || missing+=(pgbackrest)
+[ -x /usr/bin/time ] || missing+=(time)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+[ -x /usr/lib/postgresql/15/bin/postgres ] || { echo "PostgreSQL 15 missing: run tests/run.sh once (it installs it)" >&2; exit 1; }
+[ -x /opt/walvault-test-env/bin/weed ] || { echo "SeaweedFS missing: run tests/run.sh once (it installs it)" >&2; exit 1; }
+
 cargo build --release -p walvault-agent -p walvault-recover
 cargo build -p walvault-bench
-out=$(mktemp -d)
+
+# A private test root: every cluster, archive and S3 server of this run lives under it.
+WALVAULT_TEST_DIR=$(mktemp -d /tmp/walvault-bench.XXXXXX)
+export WALVAULT_TEST_DIR
+chmod 1777 "$WALVAULT_TEST_DIR"
+unset WALVAULT_TEST_S3_ENDPOINT
+cleanup() {
+  # Servers of an interrupted run: anything whose command line names our directory.
+  for pid in $(pgrep -f "$WALVAULT_TEST_DIR" || true); do kill -9 "$pid" 2>/dev/null || true; done
+  rm -rf "$WALVAULT_TEST_DIR"
+}
+trap cleanup EXIT
+
+out=$WALVAULT_TEST_DIR/out
+mkdir -p "$out"
+t0=$(date +%s)
 if [ $quick = 1 ]; then
-  "$CARGO_TARGET_DIR/debug/walvault-bench" --scale 5 --seconds 5 --runs 1 --out "$out/stream.md"
-  "$CARGO_TARGET_DIR/debug/walvault-bench-backup" --scale 5 --wal-mib 64 --runs 1 --out "$out/backup.md"
+  stream_args=(--bulk-scale 10 --seconds 5 --runs 1 --latency-seconds 5)
+  backup_args=(--scale 10 --wal-mib 64 --runs 1)
+  results=${TMPDIR:-/tmp}/walvault-bench-quick.md
 else
-  "$CARGO_TARGET_DIR/debug/walvault-bench" --scale 20 --seconds 20 --runs 3 --out "$out/stream.md"
-  "$CARGO_TARGET_DIR/debug/walvault-bench-backup" --scale 50 --wal-mib 512 --runs 3 --out "$out/backup.md"
+  stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
+  backup_args=(--scale 300 --wal-mib 1024 --runs 3)
+  results=bench/RESULTS.md
 fi
-results=bench/RESULTS.md
-[ $quick = 1 ] && results="$out/RESULTS.md"
+"$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}" --out "$out/stream.md"
+"$CARGO_TARGET_DIR/debug/walvault-bench-backup" "${backup_args[@]}" --out "$out/backup.md"
+elapsed=$(( $(date +%s) - t0 ))
 {
   echo "# walvault benchmark results"
   echo
-  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'); $(date -u +%Y-%m-%dT%H:%MZ)."
-  echo "Command: bench/run.sh$([ $quick = 1 ] && echo ' --quick'). Timings on this shared 2-core machine are noisy; compare only within one run."
+  echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME")"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- versions: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $(pgbackrest version), walvault release builds, SeaweedFS $(/opt/walvault-test-env/bin/weed version 2>/dev/null | awk '{print $3; exit}')"
+  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}); ${elapsed} s"
+  echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
   echo
   cat "$out/stream.md"
   echo
   cat "$out/backup.md"
 } > "$results"
-echo "wrote $results"
+echo "wrote $results (${elapsed} s)"
