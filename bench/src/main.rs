@@ -176,13 +176,20 @@ impl Running {
             Archiver::None => {}
             Archiver::WalvaultLocal | Archiver::WalvaultS3 => {
                 let mut c = Command::new(bin("walvault-agent")?);
-                c.args(["run", "--pg-url", &format!("{} application_name=walvault", pg.conn_str("postgres", "postgres"))])
-                    .args(["--chunk-interval", chunk_interval, "--no-backups", "--listen", "127.0.0.1:0"]);
+                c.args([
+                    "run",
+                    "--pg-url",
+                    &format!("{} application_name=walvault", pg.conn_str("postgres", "postgres")),
+                ])
+                .args(["--chunk-interval", chunk_interval, "--no-backups", "--listen", "127.0.0.1:0"]);
                 if kind == Archiver::WalvaultS3 {
                     let server = s3.context("no S3 server")?;
                     let bucket = server.new_bucket("bench").await?;
-                    c.args(["--archive", &format!("s3://{bucket}/bench")])
-                        .args(["--s3-endpoint", &server.endpoint, "--s3-force-path-style"]);
+                    c.args(["--archive", &format!("s3://{bucket}/bench")]).args([
+                        "--s3-endpoint",
+                        &server.endpoint,
+                        "--s3-force-path-style",
+                    ]);
                     r.s3 = Some(Arc::new(
                         walvault_shared::storage::s3::S3Store::connect(&bucket, "bench", &server.options()).await?,
                     ));
@@ -220,21 +227,21 @@ impl Running {
                 r.pgbr = Some(b);
             }
         }
-        if r.child.is_some() {
+        let app = r.app;
+        if let Some(child) = r.child.as_mut() {
             // Wait until it streams.
             let client = pg.connect().await?;
             let t0 = Instant::now();
             loop {
                 let rows = client
                     .simple_query(&format!(
-                        "SELECT 1 FROM pg_stat_replication WHERE application_name = '{}' AND state = 'streaming'",
-                        r.app
+                        "SELECT 1 FROM pg_stat_replication WHERE application_name = '{app}' AND state = 'streaming'"
                     ))
                     .await?;
                 if rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
                     break;
                 }
-                if let Some(st) = r.child.as_mut().unwrap().try_wait()? {
+                if let Some(st) = child.try_wait()? {
                     bail!("{} exited at start: {st}", kind.name());
                 }
                 if t0.elapsed() > Duration::from_secs(60) {
@@ -416,8 +423,9 @@ async fn one_run(a: Archiver, cli: &Cli, s3: Option<&S3Server>) -> Result<(Phase
     }
     let pg = PgCluster::start_new("bench", PgOptions { settings, ..Default::default() })?;
     let mut r = Running::start(a, &pg, s3, &cli.chunk_interval).await?;
-    let bulk = phase(&pg, &r, vec!["-i".into(), "-s".into(), cli.bulk_scale.to_string(), "-q".into(), "postgres".into()])
-        .await?;
+    let bulk =
+        phase(&pg, &r, vec!["-i".into(), "-s".into(), cli.bulk_scale.to_string(), "-q".into(), "postgres".into()])
+            .await?;
     let oltp = phase(
         &pg,
         &r,
@@ -518,7 +526,9 @@ async fn latency_run(interval: &str, cli: &Cli) -> Result<LatencyRun> {
     while !load.is_finished() {
         let next = Instant::now() + Duration::from_millis(100);
         n += 1;
-        let rows = client.simple_query(&format!("INSERT INTO probe VALUES ({n}) RETURNING pg_current_xact_id()::text")).await?;
+        let rows = client
+            .simple_query(&format!("INSERT INTO probe VALUES ({n}) RETURNING pg_current_xact_id()::text"))
+            .await?;
         let done = Instant::now();
         let xid: u64 = first_row(&rows).and_then(|r| r.get(0)).context("xid")?.parse()?;
         probes.push((xid as u32, done));
@@ -561,7 +571,16 @@ async fn latency_run(interval: &str, cli: &Cli) -> Result<LatencyRun> {
     }
     // What the archive's own metadata says about the same window.
     let o = Command::new(bin("walvault-recover")?)
-        .args(["audit", "--archive", &archive, "--json", "--since", &since.to_rfc3339(), "--until", &until.to_rfc3339()])
+        .args([
+            "audit",
+            "--archive",
+            &archive,
+            "--json",
+            "--since",
+            &since.to_rfc3339(),
+            "--until",
+            &until.to_rfc3339(),
+        ])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
         .with_context(|| format!("audit output: {}", String::from_utf8_lossy(&o.stderr)))?;
@@ -592,7 +611,12 @@ async fn main() -> Result<()> {
     let mut latency: Vec<Vec<LatencyRun>> = cli.latency_intervals.iter().map(|_| Vec::new()).collect();
     for run in 0..if cli.no_latency { 0 } else { cli.runs } {
         for (i, iv) in cli.latency_intervals.iter().enumerate() {
-            eprintln!("[{:>4.0} s] latency run {}/{}: chunk interval {iv} …", t_all.elapsed().as_secs_f64(), run + 1, cli.runs);
+            eprintln!(
+                "[{:>4.0} s] latency run {}/{}: chunk interval {iv} …",
+                t_all.elapsed().as_secs_f64(),
+                run + 1,
+                cli.runs
+            );
             latency[i].push(latency_run(iv, &cli).await?);
             walvault_bench::reap_orphans(&["postgres"]);
         }
@@ -664,7 +688,9 @@ async fn main() -> Result<()> {
         }
         writeln!(report)?;
         let w = &med[1];
-        for (j, name) in [(2, "walvault → S3"), (3, "pg_receivewal"), (4, "pg_receivewal --synchronous"), (5, "pgbackrest async")] {
+        for (j, name) in
+            [(2, "walvault → S3"), (3, "pg_receivewal"), (4, "pg_receivewal --synchronous"), (5, "pgbackrest async")]
+        {
             let o = &med[j];
             if w[0].is_nan() || o.iter().all(|x| x.is_nan()) {
                 continue;
@@ -689,11 +715,14 @@ async fn main() -> Result<()> {
         "pgbench -R {} -c 2 for {} s beside a probe committing every 100 ms; latency = COMMIT returned → archived watermark past the commit record (found by pg_waldump), sampled every 20 ms. `audit` = what `walvault-recover audit` reports for the same window from the archive's metadata. Medians (min–max) of {} runs.\n",
         cli.latency_rate, cli.latency_seconds, cli.runs
     )?;
-    writeln!(report, "| chunk interval | probes per run | latency p50 s | p99 s | max s | audit p99 s | audit max s |")?;
+    writeln!(
+        report,
+        "| chunk interval | probes per run | latency p50 s | p99 s | max s | audit p99 s | audit max s |"
+    )?;
     writeln!(report, "|---|---:|---:|---:|---:|---:|---:|")?;
     for (i, iv) in cli.latency_intervals.iter().enumerate() {
         let l = &latency[i];
-        let col = |f: &dyn Fn(&LatencyRun) -> f64| l.iter().map(|x| f(x)).collect::<Vec<f64>>();
+        let col = |f: &dyn Fn(&LatencyRun) -> f64| l.iter().map(f).collect::<Vec<f64>>();
         writeln!(
             report,
             "| {iv} | {} | {} | {} | {} | {} | {} |",

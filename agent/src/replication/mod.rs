@@ -106,7 +106,21 @@ pub struct Connection {
     pub host: Host,
     pub port: u16,
     in_copy: bool,
+    /// Set while streaming WAL: when the previous socket read was small, the next one waits
+    /// until [`READ_COALESCE`] after it, so that the many small messages of an OLTP load are
+    /// read several at a time instead of one wake-up and one recv each. Never delays a read
+    /// after a large one, so bulk throughput is not capped; adds at most READ_COALESCE to the
+    /// time a message waits in the socket, against chunk intervals of 100 ms and more.
+    coalesce_reads: bool,
+    /// When the last read returned, and whether it was small.
+    last_read: Option<(tokio::time::Instant, bool)>,
 }
+
+/// See [`Connection::coalesce_reads`]: measured on 2 cores under pgbench OLTP, the agent's CPU
+/// per GiB of WAL was dominated by per-message wake-ups before this.
+const READ_COALESCE: Duration = Duration::from_millis(2);
+/// A read below this many bytes is "small" (a TLS record holds up to 16 KiB).
+const SMALL_READ: usize = 8 << 10;
 
 /// Microseconds since 2000-01-01 00:00:00 UTC, PostgreSQL's epoch.
 pub fn pg_now_micros() -> i64 {
@@ -179,6 +193,8 @@ impl Connection {
             host: host.clone(),
             port,
             in_copy: false,
+            coalesce_reads: false,
+            last_read: None,
         };
         tokio::time::timeout(timeout, c.startup(params, host, port))
             .await
@@ -289,10 +305,18 @@ impl Connection {
             } else if let Some(m) = backend::Message::parse(&mut self.rbuf).context("malformed message from server")? {
                 return Ok(Msg::Backend(m));
             }
+            if self.coalesce_reads {
+                if let Some((at, true)) = self.last_read {
+                    // Cancel-safe: nothing has been read yet.
+                    tokio::time::sleep_until(at + READ_COALESCE).await;
+                }
+                self.rbuf.reserve(256 << 10);
+            }
             let n = self.stream.read_buf(&mut self.rbuf).await.context("read from PostgreSQL")?;
             if n == 0 {
                 bail!("PostgreSQL closed the connection");
             }
+            self.last_read = Some((tokio::time::Instant::now(), n < SMALL_READ));
         }
     }
 
@@ -389,6 +413,7 @@ impl Connection {
             match self.read_message().await? {
                 Msg::CopyBoth => {
                     self.in_copy = true;
+                    self.coalesce_reads = true;
                     return Ok(());
                 }
                 Msg::Backend(backend::Message::ErrorResponse(e)) => {
@@ -443,6 +468,7 @@ impl Connection {
                     frontend::copy_done(&mut self.wbuf);
                     self.flush().await?;
                     self.in_copy = false;
+                    self.coalesce_reads = false;
                     let mut next = None;
                     loop {
                         match self.read_message().await? {

@@ -200,7 +200,9 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
     }
     // WAL after the backups, for the replay measurement.
     let start: Lsn = pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse()?;
-    while pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse::<Lsn>()?.0 < start.0 + (cli.wal_mib << 20) {
+    while pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse::<Lsn>()?.0
+        < start.0 + (cli.wal_mib << 20)
+    {
         pg.run_program("pgbench", &["-T", "5", "-c", "2", "-n", "postgres"])?;
         reap_orphans(&["pgbackrest"]);
     }
@@ -324,8 +326,15 @@ async fn main() -> Result<()> {
         mmm(&r.restore_pgbr, 1),
         mmm(&speed(&r.restore_pgbr), 0)
     )?;
-    writeln!(s, "\n- ratio walvault / pgbackrest restore time: {:.2}", median(&r.restore_wv) / median(&r.restore_pgbr))?;
-    writeln!(s, "\n| replay of {wal_mib:.0} MiB of WAL after the backup | seconds | ratio to pg_wal | ratio to pgbackrest |")?;
+    writeln!(
+        s,
+        "\n- ratio walvault / pgbackrest restore time: {:.2}",
+        median(&r.restore_wv) / median(&r.restore_pgbr)
+    )?;
+    writeln!(
+        s,
+        "\n| replay of {wal_mib:.0} MiB of WAL after the backup | seconds | ratio to pg_wal | ratio to pgbackrest |"
+    )?;
     writeln!(s, "|---|---:|---:|---:|")?;
     let (local, pgbr) = (median(&r.replay[3]), median(&r.replay[2]));
     for (k, name) in [
