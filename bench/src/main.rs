@@ -356,7 +356,10 @@ async fn phase(pg: &PgCluster, r: &Running, args: Vec<String>) -> Result<Phase> 
     });
     let sql = r.sample_sql();
     let mut samples: Vec<(Instant, u64, Option<u64>)> = Vec::new();
-    let mut done_at: Option<Instant> = None;
+    // When the load ended, and the server's flush LSN the archiver must then reach. (Not the
+    // latest sample's: autovacuum and checkpoints keep writing a little WAL after the load,
+    // which a segment-at-a-time archiver would only archive at the next segment switch.)
+    let mut done: Option<(Instant, u64)> = None;
     let mut durable = Some(0);
     loop {
         let now = Instant::now();
@@ -370,15 +373,15 @@ async fn phase(pg: &PgCluster, r: &Running, args: Vec<String>) -> Result<Phase> 
         if let Some(b) = &r.pgbr {
             b.collect();
         }
-        if done_at.is_none() && load.is_finished() {
-            done_at = Some(now);
+        if done.is_none() && load.is_finished() {
             if matches!(r.kind, Archiver::Pgbackrest | Archiver::PgReceivewal) {
                 client.simple_query("SELECT pg_switch_wal()").await?;
             }
+            let target: Lsn = pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse()?;
+            done = Some((now, target.0));
         }
-        if let Some(d) = done_at {
-            let caught_up = samples.last().is_some_and(|&(_, s, f)| f.is_none_or(|f| f >= s));
-            if caught_up {
+        if let Some((d, target)) = done {
+            if durable.is_none_or(|f| f >= target) {
                 break;
             }
             if now - d > Duration::from_secs(300) {
