@@ -3,10 +3,10 @@
 # reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15,
 # SeaweedFS in /opt/walvault-test-env); installs pgbackrest and time from apt if missing.
 #
-#   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (about 25 minutes
+#   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (22 minutes measured
 #                           on 2 cores, after the release build)
 #   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
-#                           (a smoke test: about 3 minutes)
+#                           (a smoke test: about 2 minutes)
 #
 # What is compared (module docs of bench/src/main.rs and bench/src/bin/backup.rs say how):
 #   1. WAL archiving under a bulk load and under OLTP: walvault-agent (local dir and S3) vs
