@@ -339,3 +339,35 @@ impl Drop for Pgbackrest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics() {
+        let v = [5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(median(&v), 3.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 5.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert_eq!(mmm(&v, 1), "3.0 (1.0–5.0)");
+        assert_eq!(mmm(&[2.5], 2), "2.50");
+        assert_eq!(mmm(&[], 2), "–");
+        assert_eq!(mmm(&[f64::NAN, f64::NAN], 2), "–");
+    }
+
+    #[test]
+    fn own_usage_is_read_from_proc() {
+        // Burn some CPU, then read it back.
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed().as_millis() < 50 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let (cpu, _, hwm) = proc_usage(std::process::id()).unwrap();
+        assert!(cpu > 0.0, "cpu {cpu}");
+        assert!(hwm > 0);
+    }
+}

@@ -19,8 +19,9 @@
 //!   pgBackRest, typically a minute later; nothing does it for pg_receivewal), so the tail of
 //!   their figures is favourable;
 //! * CPU seconds of the archiver per GiB of WAL and peak RSS (pgBackRest: every archive-push
-//!   process and the asynchronous ones, measured through /usr/bin/time; the SeaweedFS server's
-//!   own CPU is not counted, as a cloud store's would not be);
+//!   process, through /usr/bin/time, and the asynchronous ones it detaches, reaped by this
+//!   process as their subreaper; see `walvault_bench::Pgbackrest`. The SeaweedFS server's own
+//!   CPU is not counted, as a cloud store's would not be);
 //! * the load's duration (bulk) or pgbench TPS (OLTP), and their ratio to no archiver;
 //! * stored bytes per byte of WAL.
 //!
@@ -454,7 +455,11 @@ fn waldump_records(pg: &PgCluster, start: Lsn, end: Lsn) -> Result<Vec<(u64, u32
         "pg_waldump",
         &["-p", pg.data.join("pg_wal").to_str().unwrap(), "-s", &start.to_string(), "-e", &end.to_string()],
     )?;
-    let text = String::from_utf8_lossy(&o.stdout);
+    parse_waldump(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// (record start LSN, xid, is a commit) of each record line of pg_waldump's output.
+fn parse_waldump(text: &str) -> Result<Vec<(u64, u32, bool)>> {
     let mut out = Vec::new();
     for line in text.lines() {
         let field = |name: &str| {
@@ -742,4 +747,23 @@ async fn main() -> Result<()> {
         std::fs::write(p, &report)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waldump_lines() {
+        let text = "rmgr: Heap        len (rec/tot):     54/   150, tx:        735, lsn: 0/0153A340, prev 0/0153A308, desc: INSERT off 3 flags 0x00, blkref #0: rel 1663/5/16384 blk 0 FPW\n\
+rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/0153A3D8, prev 0/0153A340, desc: COMMIT 2026-11-26 17:00:00.123456 UTC\n\
+rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/0153A400, prev 0/0153A3D8, desc: RUNNING_XACTS nextXid 736\n\
+rmgr: Transaction len (rec/tot):     34/    34, tx:        736, lsn: 0/0153A438, prev 0/0153A400, desc: ABORT 2026-11-26 17:00:00.2 UTC\n\
+pg_waldump: error: error in WAL record at 0/0153A460: invalid record length\n";
+        let r = parse_waldump(text).unwrap();
+        assert_eq!(
+            r,
+            vec![(0x0153A340, 735, false), (0x0153A3D8, 735, true), (0x0153A400, 0, false), (0x0153A438, 736, false)]
+        );
+    }
 }
