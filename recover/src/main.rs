@@ -11,6 +11,7 @@
 
 mod audit;
 mod restore;
+mod verify;
 mod walfetch;
 
 use std::path::PathBuf;
@@ -103,6 +104,10 @@ enum Cmd {
     },
     /// Restore a base backup and set up recovery to a target.
     Restore(RestoreArgs),
+    /// A restore drill: restore the newest backup into a scratch directory, check it with
+    /// pg_verifybackup, recover it with PostgreSQL to the end of the archive, query it, stop it.
+    /// Exit 0 passed, 1 failed.
+    Verify(VerifyArgs),
     /// PostgreSQL restore_command: fetch WALFILE (%f) into DEST (%p).
     WalFetch {
         #[command(flatten)]
@@ -185,24 +190,93 @@ struct RestoreArgs {
     pg_user: String,
 }
 
-/// A PostgreSQL program run as `owner` (when we are root), else as ourselves.
-fn pg_cmd(bin: &std::path::Path, program: &str, owner: Option<&str>) -> Result<std::process::Command> {
-    use std::os::unix::process::CommandExt;
-    let mut c = std::process::Command::new(bin.join(program));
-    // SAFETY: geteuid has no preconditions.
-    if let (Some(o), true) = (owner, unsafe { libc::geteuid() } == 0) {
-        let name = std::ffi::CString::new(o)?;
-        // SAFETY: getpwnam returns static storage or null; the ids are copied at once.
-        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-        if pw.is_null() {
-            bail!("no such user {o:?}");
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    #[command(flatten)]
+    archive: ArchiveArgs,
+    /// PostgreSQL's bin directory (pg_ctl, psql, pg_verifybackup), e.g. /usr/lib/postgresql/15/bin.
+    #[arg(long)]
+    pg_bin: PathBuf,
+    /// Scratch directory for the drill (absent or empty); default $TMPDIR/walvault-verify-<pid>.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Run PostgreSQL as this user (when running as root); it owns the scratch directory.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Restore this backup instead of the newest.
+    #[arg(long)]
+    backup: Option<String>,
+    /// A query to run on the recovered server (repeatable); the drill fails if it fails.
+    #[arg(long)]
+    check_sql: Vec<String>,
+    /// Keep the scratch directory after a successful drill.
+    #[arg(long)]
+    keep: bool,
+    /// Give up when recovery has not ended after this long.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The archive flags as restore_command will use them: a local path made absolute (it runs in
+/// the data directory).
+fn archive_for_restore_command(a: &ArchiveArgs) -> Result<ArchiveArgs> {
+    let url = match walvault_shared::storage::RepoUrl::parse(&a.archive)? {
+        walvault_shared::storage::RepoUrl::Local(p) => {
+            let abs = if p.is_absolute() { p } else { std::env::current_dir()?.join(p) };
+            format!("file://{}", abs.display())
         }
-        // SAFETY: non-null getpwnam result.
-        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-        c.uid(uid).gid(gid);
+        _ => a.archive.clone(),
+    };
+    Ok(ArchiveArgs { archive: url, ..a.clone() })
+}
+
+/// restore_command's program and flags (without %f %p): this binary, by absolute path.
+fn wal_fetch_command(archive: &ArchiveArgs, prefetch: u32) -> Result<String> {
+    let exe = std::env::current_exe()?.canonicalize()?;
+    Ok(format!("\"{}\" wal-fetch --prefetch {} {}", exe.display(), prefetch, archive.as_flags()))
+}
+
+async fn do_verify(a: VerifyArgs) -> Result<bool> {
+    let archive = archive_for_restore_command(&a.archive)?;
+    let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+    walvault_shared::archive::identity::load_existing(&*store).await?;
+    let workdir = a
+        .workdir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("walvault-verify-{}", std::process::id())));
+    let restore = restore::RestoreOptions {
+        pgdata: workdir.join("data"),
+        target: restore::Target::Latest,
+        action: "promote".into(),
+        target_timeline: None,
+        inclusive: true,
+        force: false,
+        owner: a.owner.clone(),
+        backup_id: a.backup.clone(),
+        wal_fetch_command: wal_fetch_command(&archive, 4)?,
+        parallel: a.parallel,
+    };
+    let opts = verify::DrillOptions {
+        workdir,
+        pg_bin: a.pg_bin.clone(),
+        owner: a.owner.clone(),
+        check_sql: a.check_sql.clone(),
+        keep: a.keep,
+        timeout: a.timeout,
+    };
+    let report = verify::drill(store, restore, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", verify::text(&report));
     }
-    c.stdin(std::process::Stdio::null());
-    Ok(c)
+    Ok(report.pass)
 }
 
 /// `--start`: start the restored server and wait for recovery to reach its target.
@@ -211,7 +285,7 @@ fn start_and_wait(a: &RestoreArgs) -> Result<()> {
     let owner = a.owner.as_deref();
     let log = a.pgdata.join("walvault-restore-start.log");
     let opts = format!("-p {} -c unix_socket_directories=/tmp -c listen_addresses=''", a.port);
-    let out = pg_cmd(bin, "pg_ctl", owner)?
+    let out = verify::pg_cmd(bin, "pg_ctl", owner)?
         .arg("-D")
         .arg(&a.pgdata)
         .args(["-o", &opts, "-l"])
@@ -232,7 +306,7 @@ fn start_and_wait(a: &RestoreArgs) -> Result<()> {
     );
     let t0 = std::time::Instant::now();
     loop {
-        let q = pg_cmd(bin, "psql", owner)?
+        let q = verify::pg_cmd(bin, "psql", owner)?
             .args(["-h", "/tmp", "-p", &a.port.to_string(), "-U", &a.pg_user, "-d", "postgres", "-AtX", "-c"])
             .arg(
                 "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END, \
@@ -368,16 +442,7 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
     if !["promote", "pause", "shutdown"].contains(&a.target_action.as_str()) {
         bail!("invalid --target-action {:?}: use promote, pause or shutdown", a.target_action);
     }
-    let exe = std::env::current_exe()?.canonicalize()?;
-    let archive_url = match walvault_shared::storage::RepoUrl::parse(&a.archive.archive)? {
-        // restore_command runs in the data directory: make a local path absolute.
-        walvault_shared::storage::RepoUrl::Local(p) => {
-            let abs = if p.is_absolute() { p } else { std::env::current_dir()?.join(p) };
-            format!("file://{}", abs.display())
-        }
-        _ => a.archive.archive.clone(),
-    };
-    let archive = ArchiveArgs { archive: archive_url, ..a.archive.clone() };
+    let archive = archive_for_restore_command(&a.archive)?;
     let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
     let opts = restore::RestoreOptions {
         pgdata: a.pgdata.clone(),
@@ -388,7 +453,7 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         force: a.force,
         owner: a.owner.clone(),
         backup_id: a.backup.clone(),
-        wal_fetch_command: format!("\"{}\" wal-fetch --prefetch {} {}", exe.display(), a.prefetch, archive.as_flags()),
+        wal_fetch_command: wal_fetch_command(&archive, a.prefetch)?,
         parallel: a.parallel,
     };
     let r = restore::restore(store, &opts).await?;
@@ -510,12 +575,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Verify(a) => match rt.block_on(do_verify(a)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("walvault-recover verify: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         cmd => {
             let r = rt.block_on(async {
                 match cmd {
                     Cmd::List { archive, json } => list(archive, json).await,
                     Cmd::Restore(a) => do_restore(a).await,
-                    Cmd::WalFetch { .. } | Cmd::WalPrefetch { .. } | Cmd::Audit { .. } => unreachable!(),
+                    Cmd::WalFetch { .. } | Cmd::WalPrefetch { .. } | Cmd::Audit { .. } | Cmd::Verify(_) => {
+                        unreachable!()
+                    }
                 }
             });
             match r {

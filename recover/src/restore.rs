@@ -246,6 +246,8 @@ pub struct RestoreReport {
     pub reachable: (TimelineId, Lsn),
     /// For a time target: the last commit at or before it (time, xid, LSN, timeline).
     pub last_commit: Option<(chrono::DateTime<chrono::Utc>, u32, Lsn, TimelineId)>,
+    /// Whether the backup held a postgresql.conf (else an empty one was created).
+    pub had_postgresql_conf: bool,
 }
 
 /// The last commit at or before `target` along `path` (from `from` up to `reach`), found from
@@ -436,7 +438,8 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
     // A cluster whose postgresql.conf lived outside its data directory (Debian keeps it in
     // /etc/postgresql) has none in the backup: PostgreSQL refuses to start without one.
     let conf = opts.pgdata.join("postgresql.conf");
-    if !conf.exists() {
+    let had_postgresql_conf = conf.exists();
+    if !had_postgresql_conf {
         std::fs::write(&conf, "# Created by walvault-recover restore: the backed-up cluster kept its postgresql.conf\n# outside the data directory. Copy your settings here (port, memory, ...).\n")?;
         eprintln!(
             "restore: the backup has no postgresql.conf (the server kept it outside its data directory); created an empty one in {}: add your settings before starting",
@@ -490,5 +493,6 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
         seconds: t0.elapsed().as_secs_f64(),
         reachable,
         last_commit,
+        had_postgresql_conf,
     })
 }

@@ -6,4 +6,5 @@ mod audit;
 mod backup_restore;
 mod harness;
 mod storage_conformance;
+mod verify;
 mod walreader_vs_waldump;
