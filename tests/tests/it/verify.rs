@@ -77,6 +77,11 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     let replayed = replayed.timestamp_micros() as f64 / 1e6;
     assert!(replayed >= last - 1e-6, "replayed {replayed}, last commit {last}\n{out}");
     assert!(!w.exists(), "scratch directory removed after a pass");
+    // The text report, as an operator reads it.
+    let (code, out, err) = verify(&archive, &w, &["--check-sql", "SELECT count(*) FROM t"]);
+    assert_eq!(code, 0, "drill failed:\n{out}\n{err}");
+    println!("{out}");
+    assert!(out.starts_with("restore drill: PASSED") && out.contains(": 150\n") && out.contains("(removed)"), "{out}");
 
     // A non-empty scratch directory is refused and left as it was.
     std::fs::create_dir_all(&w).unwrap();
