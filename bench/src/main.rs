@@ -655,14 +655,14 @@ async fn main() -> Result<()> {
         let wal = median(&all.iter().map(|p| p.wal_bytes as f64 / mib).collect::<Vec<_>>());
         writeln!(report, "### {title}: about {wal:.0} MiB of WAL per run\n")?;
         let last = if pi == 0 { "load s" } else { "pgbench TPS" };
-        writeln!(report, "| archiver | lag p50 s | lag p99 s | lag max s | lag p99 MiB | lag max MiB | CPU s / GiB WAL | peak RSS MiB | stored / WAL | {last} | {last} vs none |")?;
-        writeln!(report, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(report, "| archiver | lag p50 s | lag p99 s | lag max s | lag p50 MiB | lag p99 MiB | lag max MiB | CPU s / GiB WAL | peak RSS MiB | stored / WAL | {last} | {last} vs none |")?;
+        writeln!(report, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         let base = median(&ph(0).iter().map(|p| if pi == 0 { p.load_s } else { p.tps }).collect::<Vec<_>>());
         let mut med = Vec::new();
         for (i, &a) in ARCHIVERS.iter().enumerate() {
             let ps = ph(i);
             if ps.is_empty() {
-                med.push(vec![f64::NAN; 9]);
+                med.push(vec![f64::NAN; 10]);
                 continue;
             }
             let col = |f: &dyn Fn(&Phase) -> f64| ps.iter().map(|p| f(p)).collect::<Vec<f64>>();
@@ -676,14 +676,16 @@ async fn main() -> Result<()> {
                 col(&|p| if a == Archiver::None { f64::NAN } else { p.cpu_s / (p.wal_bytes as f64 / gib) }),
                 col(&|p| if a == Archiver::None { f64::NAN } else { p.peak_rss_kib as f64 / 1024.0 }),
                 col(&|p| if a == Archiver::None { f64::NAN } else { p.stored_bytes as f64 / p.wal_bytes as f64 }),
+                col(&|p| percentile(&p.lag_bytes, 50.0) / mib),
             ];
             writeln!(
                 report,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
                 a.name(),
                 mmm(&cells[0], 2),
                 mmm(&cells[1], 2),
                 mmm(&cells[2], 2),
+                mmm(&cells[8], 1),
                 mmm(&cells[3], 1),
                 mmm(&cells[4], 1),
                 mmm(&cells[5], 2),
@@ -712,7 +714,7 @@ async fn main() -> Result<()> {
                 w[5] / o[5],
                 w[6] / o[6],
                 w[7] / o[7],
-                w[8] / o[8]
+                w[9] / o[9]
             )?;
         }
         writeln!(report)?;

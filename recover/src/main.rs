@@ -59,19 +59,52 @@ impl ArchiveArgs {
         }
     }
     /// The same settings as wal-fetch flags (no secrets).
-    fn as_flags(&self) -> String {
-        let mut s = format!("--archive '{}'", self.archive);
+    /// The flags as arguments for another walvault-recover process.
+    fn args(&self) -> Vec<String> {
+        let mut v = vec!["--archive".to_string(), self.archive.clone()];
         if let Some(e) = &self.s3_endpoint {
-            s.push_str(&format!(" --s3-endpoint '{e}'"));
+            v.extend(["--s3-endpoint".to_string(), e.clone()]);
         }
         if let Some(r) = &self.s3_region {
-            s.push_str(&format!(" --s3-region '{r}'"));
+            v.extend(["--s3-region".to_string(), r.clone()]);
         }
         if self.s3_force_path_style {
-            s.push_str(" --s3-force-path-style");
+            v.push("--s3-force-path-style".into());
         }
-        s
+        v
     }
+
+    /// The flags as shell text for restore_command (values single-quoted).
+    fn as_flags(&self) -> String {
+        self.args()
+            .iter()
+            .map(|a| if a.starts_with("--") { a.clone() } else { format!("'{a}'") })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Before anything is written: `owner` exists and, when we are root, can read the archive,
+/// since PostgreSQL will run restore_command (this binary) as that user.
+fn check_owner_reads_archive(owner: Option<&str>, archive: &ArchiveArgs) -> Result<()> {
+    let Some(o) = owner else { return Ok(()) };
+    let Some((uid, gid)) = verify::owner_ids(Some(o))? else { return Ok(()) };
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("list")
+        .args(archive.args())
+        .uid(uid)
+        .gid(gid)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "the user {o} cannot read the archive, and PostgreSQL will run restore_command as {o}: {}\nHINT: give {o} read access to the archive directory and r-x on its parents (or, for S3, the credentials in its environment); this binary must be executable by {o} too",
+            err.lines().next().unwrap_or("").trim_start_matches("walvault-recover: ")
+        );
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -244,8 +277,13 @@ fn wal_fetch_command(archive: &ArchiveArgs, prefetch: u32) -> Result<String> {
 
 async fn do_verify(a: VerifyArgs) -> Result<bool> {
     let archive = archive_for_restore_command(&a.archive)?;
+    // SAFETY: geteuid has no preconditions.
+    if a.owner.is_none() && unsafe { libc::geteuid() } == 0 {
+        bail!("PostgreSQL cannot run as root\nHINT: pass --owner with an unprivileged user (e.g. --owner postgres); it runs the drill's server");
+    }
     let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
     walvault_shared::archive::identity::load_existing(&*store).await?;
+    check_owner_reads_archive(a.owner.as_deref(), &archive)?;
     let workdir = a
         .workdir
         .clone()
@@ -444,6 +482,8 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
     }
     let archive = archive_for_restore_command(&a.archive)?;
     let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
+    walvault_shared::archive::identity::load_existing(&*store).await?;
+    check_owner_reads_archive(a.owner.as_deref(), &archive)?;
     let opts = restore::RestoreOptions {
         pgdata: a.pgdata.clone(),
         target,
@@ -464,7 +504,7 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         );
     }
     println!(
-        "restored backup {} ({} MiB in {:.1} s, {:.0} MiB/s) into {}; WAL is archived up to {} on timeline {}.\nStart PostgreSQL on it to recover to the target: pg_ctl -D {} start",
+        "restored backup {} ({} MiB in {:.1} s, {:.0} MiB/s) into {}; WAL is archived up to {} on timeline {}.{}",
         r.backup.id,
         r.bytes >> 20,
         r.seconds,
@@ -472,7 +512,14 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         a.pgdata.display(),
         r.reachable.1,
         r.reachable.0,
-        a.pgdata.display()
+        if a.start {
+            String::new()
+        } else {
+            format!(
+                "\nStart PostgreSQL on it to recover to the target (on another port and socket directory than a running cluster): pg_ctl -D {} -o '-p 5433 -k /tmp' start",
+                a.pgdata.display()
+            )
+        }
     );
     if a.start {
         start_and_wait(&a)?;
@@ -485,16 +532,7 @@ fn spawn_prefetcher(archive: &ArchiveArgs, spool: &std::path::Path, after: &str,
     use std::os::unix::process::CommandExt;
     let Ok(exe) = std::env::current_exe() else { return };
     let mut c = std::process::Command::new(exe);
-    c.arg("wal-prefetch").arg("--archive").arg(&archive.archive);
-    if let Some(e) = &archive.s3_endpoint {
-        c.arg("--s3-endpoint").arg(e);
-    }
-    if let Some(r) = &archive.s3_region {
-        c.arg("--s3-region").arg(r);
-    }
-    if archive.s3_force_path_style {
-        c.arg("--s3-force-path-style");
-    }
+    c.arg("wal-prefetch").args(archive.args());
     c.arg("--spool").arg(spool).arg("--count").arg(count.to_string()).arg(after);
     c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     // SAFETY: setsid in the child before exec; it only detaches from our session.

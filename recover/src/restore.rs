@@ -40,6 +40,18 @@ pub enum Target {
     Latest,
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Time(t) => write!(f, "time {}", t.to_rfc3339()),
+            Target::Lsn(l) => write!(f, "LSN {l}"),
+            Target::Xid(x) => write!(f, "xid {x}"),
+            Target::Name(n) => write!(f, "restore point {n:?}"),
+            Target::Latest => write!(f, "the end of the archived WAL"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     pub pgdata: PathBuf,
@@ -73,7 +85,9 @@ pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::FixedOffset>> {
             return Ok(t);
         }
     }
-    bail!("invalid target time {s:?}\nHINT: give a zone, e.g. 2026-11-26T14:03:27Z or '2026-11-26 14:03:27+01'")
+    bail!(
+        "invalid target time {s:?}: not a valid date and time with a zone\nHINT: e.g. 2026-11-26T14:03:27Z or '2026-11-26 14:03:27+01' (a zone is required)"
+    )
 }
 
 async fn read_history(store: &dyn ObjectStore, tli: TimelineId) -> Result<Option<TimelineHistory>> {
@@ -186,7 +200,7 @@ pub fn choose_backup<'a>(
     };
     pick.ok_or_else(|| {
         anyhow::anyhow!(
-            "no base backup ends at or before the target {target:?}\nHINT: {}",
+            "no base backup ends at or before the target ({target})\nHINT: {}",
             describe_window(backups, cat)
         )
     })
@@ -323,7 +337,7 @@ pub async fn restore(store: Arc<dyn ObjectStore>, opts: &RestoreOptions) -> Resu
     let need_ok = reach_lsn >= need && !(reachable.0 == chosen.timeline && reach_lsn < chosen.stop_lsn);
     if !need_ok {
         bail!(
-            "the archive lacks WAL needed to restore backup {} to {:?}: WAL is contiguous only up to {} on timeline {} (needed: {} from {})\nHINT: {}",
+            "the archive lacks WAL needed to restore backup {} to {}: WAL is contiguous only up to {} on timeline {} (needed: {} from {})\nHINT: {}",
             chosen.id, opts.target, reach_lsn, reachable.0, need, chosen.start_lsn, describe_window(&backups, &cat)
         );
     }

@@ -82,14 +82,14 @@ pub(crate) fn pg_cmd(bin: &Path, program: &str, owner: Option<&str>) -> Result<C
 }
 
 /// uid/gid of `owner` if we are root and one is given.
-fn owner_ids(owner: Option<&str>) -> Result<Option<(u32, u32)>> {
+pub(crate) fn owner_ids(owner: Option<&str>) -> Result<Option<(u32, u32)>> {
     // SAFETY: geteuid has no preconditions.
     let (Some(o), true) = (owner, unsafe { libc::geteuid() } == 0) else { return Ok(None) };
     let name = std::ffi::CString::new(o)?;
     // SAFETY: getpwnam returns static storage or null; the ids are copied at once.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
-        bail!("no such user {o:?}");
+        bail!("no such user {o:?}\nHINT: --owner takes the name of an existing user, the one PostgreSQL runs as (e.g. postgres)");
     }
     // SAFETY: non-null getpwnam result.
     Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))

@@ -47,11 +47,16 @@ impl LocalStore {
     /// a user that cannot write there, e.g. PostgreSQL's restore_command).
     pub fn open_existing(root: &Path) -> anyhow::Result<Self> {
         let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
-        if !root.is_dir() {
-            anyhow::bail!(
+        match std::fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => anyhow::bail!(
+                "archive directory {} is not readable by this user\nHINT: it and its parent directories need r-x for this user",
+                root.display()
+            ),
+            _ => anyhow::bail!(
                 "archive directory {} does not exist\nHINT: check the archive URL (file:///path or a plain path)",
                 root.display()
-            );
+            ),
         }
         Ok(LocalStore { root })
     }
@@ -75,7 +80,11 @@ fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
             Some("the archive's file system is full: free space or move the archive")
         }
-        Some(libc::EACCES) | Some(libc::EPERM) => Some("the archive directory is not writable by this user"),
+        Some(libc::EACCES) | Some(libc::EPERM) => Some(if op == "put" || op == "delete" {
+            "the archive directory is not writable by this user"
+        } else {
+            "the archive directory is not readable by this user (it and its parents need r-x for it)"
+        }),
         Some(libc::EROFS) => Some("the archive's file system is mounted read-only"),
         _ => None,
     };

@@ -91,6 +91,44 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     assert!(err.contains("not empty") && err.contains("HINT"), "{err}");
     assert_eq!(std::fs::read_to_string(w.join("precious")).unwrap(), "x");
 
+    // Refused before anything is written: PostgreSQL cannot run as root; an unknown owner; an
+    // owner who cannot read the archive (restore_command will run as it).
+    let recover = |args: &[&str]| {
+        let o = Command::new(workspace_binary("walvault-recover").unwrap()).args(args).output().unwrap();
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let w3 = scratch.join("w3");
+    let pgbin = pg_bin();
+    let (code, err) = recover(&[
+        "verify",
+        "--archive",
+        &archive,
+        "--pg-bin",
+        pgbin.to_str().unwrap(),
+        "--workdir",
+        w3.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot run as root") && err.contains("HINT: pass --owner"), "{err}");
+    let (code, err) = recover(&[
+        "restore",
+        "--archive",
+        &archive,
+        "--pgdata",
+        w3.to_str().unwrap(),
+        "--latest",
+        "--owner",
+        "no-such-user-x",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no such user") && err.contains("HINT"), "{err}");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = verify(&archive, &w3, &[]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("cannot read the archive") && err.contains("not readable by this user"), "{err}");
+    assert!(!w3.exists(), "nothing written");
+
     // One flipped byte in the middle of the largest backup object: the drill fails at restore.
     let part = files(&dir.path().join("repo/backups")).into_iter().max_by_key(|p| p.metadata().unwrap().len()).unwrap();
     let mut bytes = std::fs::read(&part).unwrap();
