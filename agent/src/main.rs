@@ -337,16 +337,11 @@ fn main() -> ExitCode {
             Action::Expire { dry_run, json } => expire_once(s, dry_run, json).await,
         }
     };
-    // Run on a worker thread, not in block_on on the main thread: the replication stream wakes
-    // for every message the server sends, and a task on the main thread is woken from the
-    // workers' I/O driver through a futex each time (measured: most of the agent's CPU under
-    // OLTP went to those context switches).
-    let result = rt.block_on(async move {
-        match tokio::spawn(fut).await {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("agent task failed: {e}")),
-        }
-    });
+    // One thread for all async work (the replication stream, uploads, HTTP, scheduled backups);
+    // zstd and other CPU work run on the blocking pool. Measured under full-speed pgbench OLTP,
+    // where WAL arrives as thousands of small messages a second: a multi-thread runtime spent
+    // 15-40% more CPU per GiB on cross-thread wake-ups (bench/RESULTS.md, docs/operations.md).
+    let result = rt.block_on(fut);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
