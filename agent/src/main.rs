@@ -296,8 +296,9 @@ async fn expire_once(s: RunSettings, dry_run: bool, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
+        let verb = if dry_run { "would delete" } else { "deleted" };
         println!(
-            "{}kept {} backups, deleted {} ({}), WAL cutoff {}, deleted {} WAL objects",
+            "{}kept {} backups, {verb} {} ({}), WAL cutoff {}, {verb} {} WAL objects",
             if dry_run { "dry run: " } else { "" },
             r.kept_backups.len(),
             r.deleted_backups.len(),
