@@ -463,11 +463,26 @@ async fn list(a: ArchiveArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn do_restore(a: RestoreArgs) -> Result<()> {
+/// A bad argument value the parser could not catch: exit status 2, like the parser's errors.
+#[derive(Debug)]
+struct UsageError(anyhow::Error);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The recovery target and action from the flags.
+fn restore_target(a: &RestoreArgs) -> Result<restore::Target> {
     let target = if let Some(t) = &a.target_time {
         restore::Target::Time(restore::parse_time(t)?)
     } else if let Some(l) = &a.target_lsn {
-        restore::Target::Lsn(l.parse::<Lsn>()?)
+        restore::Target::Lsn(
+            l.parse::<Lsn>().map_err(|e| anyhow::anyhow!("invalid --target-lsn {l:?}: {e}\nHINT: e.g. 0/3000060"))?,
+        )
     } else if let Some(x) = a.target_xid {
         restore::Target::Xid(x)
     } else if let Some(n) = &a.target_name {
@@ -478,8 +493,13 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         bail!("no recovery target\nHINT: give exactly one of --target-time, --target-lsn, --target-xid, --target-name, --latest");
     };
     if !["promote", "pause", "shutdown"].contains(&a.target_action.as_str()) {
-        bail!("invalid --target-action {:?}: use promote, pause or shutdown", a.target_action);
+        bail!("invalid --target-action {:?}\nHINT: use promote, pause or shutdown", a.target_action);
     }
+    Ok(target)
+}
+
+async fn do_restore(a: RestoreArgs) -> Result<()> {
+    let target = restore_target(&a).map_err(UsageError)?;
     let archive = archive_for_restore_command(&a.archive)?;
     let store = walvault_shared::storage::open_existing(&archive.archive, &archive.s3()).await?;
     walvault_shared::archive::identity::load_existing(&*store).await?;
@@ -635,7 +655,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("walvault-recover: {e:#}");
-                    ExitCode::from(1)
+                    ExitCode::from(if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 })
                 }
             }
         }

@@ -122,6 +122,30 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no such user") && err.contains("HINT"), "{err}");
+    // A value the argument parser cannot check is still a usage error (exit 2), before any I/O.
+    let (code, err) = recover(&[
+        "restore",
+        "--archive",
+        &archive,
+        "--pgdata",
+        w3.to_str().unwrap(),
+        "--target-time",
+        "2026-13-45T00:00:00Z",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a valid date and time") && err.contains("HINT"), "{err}");
+    let (code, err) = recover(&[
+        "restore",
+        "--archive",
+        &archive,
+        "--pgdata",
+        w3.to_str().unwrap(),
+        "--latest",
+        "--target-action",
+        "explode",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("HINT: use promote, pause or shutdown"), "{err}");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let (code, out, err) = verify(&archive, &w3, &[]);
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
