@@ -330,6 +330,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(s.log_json);
+    let log_json = s.log_json;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let fut = async move {
         match action {
@@ -347,8 +348,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
-            tracing::error!("{e:#}");
-            eprintln!("walvault-agent: {e:#}");
+            // Once: as a JSON log record for log pipelines, else as plain text with its hints.
+            if log_json {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("walvault-agent: {e:#}");
+            }
             ExitCode::from(code)
         }
     }
