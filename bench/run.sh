@@ -3,7 +3,7 @@
 # reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15,
 # SeaweedFS in /opt/walvault-test-env); installs pgbackrest and time from apt if missing.
 #
-#   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (22 minutes measured
+#   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (23 minutes measured
 #                           on 2 cores, after the release build)
 #   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
 #                           (a smoke test: about 2 minutes)

@@ -199,7 +199,7 @@ pub fn measured(mut c: Command) -> Result<Usage> {
 /// archive-get, process-max 2 as in pgBackRest's user guide), zstd and a posix repository.
 ///
 /// CPU accounting: the archive_command runs pgBackRest under `/usr/bin/time`, which logs the
-/// foreground process; the asynchronous process it starts detaches (double fork), so it is
+/// foreground process; the asynchronous process it starts outlives its parent, so it is
 /// re-parented to this benchmark process ([`become_subreaper`], which the caller must have
 /// called) and its use, including the local processes it reaped, is collected by
 /// [`Pgbackrest::collect`] when it exits.

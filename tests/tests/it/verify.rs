@@ -110,40 +110,19 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot run as root") && err.contains("HINT: pass --owner"), "{err}");
-    let (code, err) = recover(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--pgdata",
-        w3.to_str().unwrap(),
-        "--latest",
-        "--owner",
-        "no-such-user-x",
-    ]);
+    let restore_w3 = |extra: &[&str]| {
+        let mut args = vec!["restore", "--archive", &archive, "--pgdata", w3.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        recover(&args)
+    };
+    let (code, err) = restore_w3(&["--latest", "--owner", "no-such-user-x"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no such user") && err.contains("HINT"), "{err}");
     // A value the argument parser cannot check is still a usage error (exit 2), before any I/O.
-    let (code, err) = recover(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--pgdata",
-        w3.to_str().unwrap(),
-        "--target-time",
-        "2026-13-45T00:00:00Z",
-    ]);
+    let (code, err) = restore_w3(&["--target-time", "2026-13-45T00:00:00Z"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a valid date and time") && err.contains("HINT"), "{err}");
-    let (code, err) = recover(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--pgdata",
-        w3.to_str().unwrap(),
-        "--latest",
-        "--target-action",
-        "explode",
-    ]);
+    let (code, err) = restore_w3(&["--latest", "--target-action", "explode"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("HINT: use promote, pause or shutdown"), "{err}");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
