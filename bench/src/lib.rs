@@ -70,13 +70,12 @@ fn clock_ticks() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-/// A process's own CPU seconds (utime+stime), its reaped children's CPU seconds
-/// (cutime+cstime) and its peak RSS in KiB, from /proc.
-pub fn proc_usage(pid: u32) -> Result<(f64, f64, u64)> {
+/// A process's own CPU seconds (utime+stime) and its peak RSS in KiB, from /proc.
+pub fn proc_usage(pid: u32) -> Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').context("stat")?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14).
+    // Fields after the command: state(0) ... utime(11) stime(12).
     let t = |i: usize| f[i].parse::<u64>().unwrap_or(0) as f64 / clock_ticks();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm = status
@@ -85,7 +84,7 @@ pub fn proc_usage(pid: u32) -> Result<(f64, f64, u64)> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok((t(11) + t(12), t(13) + t(14), hwm))
+    Ok((t(11) + t(12), hwm))
 }
 
 /// PIDs of live processes whose command name is `comm`.
@@ -366,7 +365,7 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         std::hint::black_box(x);
-        let (cpu, _, hwm) = proc_usage(std::process::id()).unwrap();
+        let (cpu, hwm) = proc_usage(std::process::id()).unwrap();
         assert!(cpu > 0.0, "cpu {cpu}");
         assert!(hwm > 0);
     }

@@ -290,7 +290,7 @@ impl Running {
     /// CPU seconds so far and peak RSS (KiB).
     fn usage(&self) -> Result<(f64, u64)> {
         if let Some(c) = &self.child {
-            let (own, _, hwm) = proc_usage(c.id())?;
+            let (own, hwm) = proc_usage(c.id())?;
             return Ok((own, hwm));
         }
         if let Some(b) = &self.pgbr {

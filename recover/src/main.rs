@@ -1,13 +1,13 @@
 //! `walvault-recover`: list what an archive can restore, restore a base backup plus WAL to a
-//! point in time, and serve as PostgreSQL's `restore_command` (`wal-fetch`).
+//! point in time, serve as PostgreSQL's `restore_command` (`wal-fetch`), run restore drills
+//! (`verify`, see `verify.rs`) and audit the achieved RPO (`audit`).
 //!
 //! Exit codes: 0 success; 1 failure (the message says what and gives a hint); 2 usage error.
 //! `wal-fetch` has its own (see `walfetch.rs`): 0 written, 1 not in the archive, 126 could not
 //! fetch.
 //!
-//! `audit` exits 0 when the RPO target is met and there are no gaps, 1 when not, 2 on error.
-//!
-//! Not implemented yet: `verify` (restore drills).
+//! `audit` exits 0 when the RPO target is met and there are no gaps, 1 when not, 2 on error;
+//! `verify` exits 0 when the drill passed, 1 when it failed.
 
 mod audit;
 mod restore;
