@@ -15,7 +15,6 @@
 //!    `backup.lock` naming its host and PID; the next backup (or `expire`) removes it once that
 //!    process is gone.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -25,10 +24,12 @@ use futures::StreamExt;
 use walvault_shared::archive::backup::{self, ArchiveInfo, BackupDescription, BackupEntry, BackupLock, PartInfo};
 use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
 use walvault_shared::archive::identity::{self, Identity};
-use walvault_shared::archive::walcat::WalCatalog;
-use walvault_shared::archive::{names, put_once};
+use walvault_shared::archive::names;
+use walvault_shared::archive::read::Reader;
+use walvault_shared::archive::write::{PutOnceError, Writer};
+use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::storage::retry::RetryPolicy;
-use walvault_shared::storage::{ObjectStore, PutMode};
+use walvault_shared::storage::{PutMode, StorageError};
 
 use crate::replication::conninfo::ConnParams;
 use crate::replication::{BackupEvent, Connection};
@@ -68,10 +69,10 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Remove incomplete backups whose writer is gone (same host, dead PID; another host: older
 /// than a day; no lock: older than an hour). Returns the ids removed.
-pub async fn remove_abandoned(store: &dyn ObjectStore, segment_size: u64) -> Result<Vec<String>> {
+pub async fn remove_abandoned(reader: &Reader, segment_size: u64) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let me = hostname();
-    for e in backup::list(store, segment_size).await? {
+    for e in backup::list(reader, segment_size).await? {
         let BackupEntry::Incomplete { id, lock, .. } = e else { continue };
         let age = chrono::NaiveDateTime::parse_from_str(&id, "%Y%m%dT%H%M%SZ")
             .map(|t| chrono::Utc::now().naive_utc() - t)
@@ -83,7 +84,7 @@ pub async fn remove_abandoned(store: &dyn ObjectStore, segment_size: u64) -> Res
         };
         if abandoned {
             tracing::info!(backup = %id, "removing the leftovers of an interrupted backup");
-            backup::delete_backup(store, &id).await?;
+            backup::delete_backup(&**reader.store(), &id).await?;
             removed.push(id);
         }
     }
@@ -95,26 +96,24 @@ struct PartJob {
     data: Bytes,
 }
 
-async fn upload_part(store: Arc<dyn ObjectStore>, id: String, job: PartJob, level: i32) -> Result<PartInfo> {
+async fn upload_part(writer: Writer, id: String, job: PartJob, level: i32) -> Result<PartInfo> {
     let key = names::backup_part(&id, job.n);
     let plain = job.data;
     let crc = crc32fast::hash(&plain);
-    let p2 = plain.clone();
     let meta = serde_json::json!({ "backup": id, "part": job.n });
-    let object: Bytes = tokio::task::spawn_blocking(move || {
-        envelope::encode(ObjectKind::BackupPart, &meta, &p2, Compression::Zstd, level)
+    let object: Bytes = tokio::task::spawn_blocking({
+        let (writer, key, plain) = (writer.clone(), key.clone(), plain.clone());
+        move || writer.encode(&key, ObjectKind::BackupPart, &meta, &plain, Compression::Zstd, level)
     })
-    .await?
-    .into();
+    .await?;
     let stored_len = object.len() as u64;
-    let policy = RetryPolicy { max_attempts: Some(10), ..Default::default() };
-    policy
+    RetryPolicy::attempts(10)
         .run(&format!("upload {key}"), || {
-            let (store, key, object, plain) = (store.clone(), key.clone(), object.clone(), plain.clone());
+            let (writer, key, object, plain) = (writer.clone(), key.clone(), object.clone(), plain.clone());
             async move {
-                put_once(&*store, &key, object, &plain).await.map(|_| ()).map_err(|e| match e {
-                    walvault_shared::archive::PutOnceError::Storage(s) => s,
-                    other => walvault_shared::storage::StorageError::permanent("put", &key, other),
+                writer.put_once(&key, object, &plain).await.map(|_| ()).map_err(|e| match e {
+                    PutOnceError::Storage(s) => s,
+                    other => StorageError::permanent("put", &key, other),
                 })
             }
         })
@@ -122,70 +121,112 @@ async fn upload_part(store: Arc<dyn ObjectStore>, id: String, job: PartJob, leve
     Ok(PartInfo { n: job.n, plain_len: plain.len() as u64, stored_len, crc32: crc })
 }
 
-/// Take one base backup now; returns its description once it is complete.
-pub async fn take_backup(
-    params: &ConnParams,
-    store: Arc<dyn ObjectStore>,
-    cfg: &BackupConfig,
-) -> Result<BackupDescription> {
-    let t0 = Instant::now();
+/// The server a backup is taken from.
+struct Source {
+    conn: Connection,
+    system_identifier: u64,
+    segment_size: u64,
+    version: u32,
+}
+
+/// Connect for the backup and check the server against the archive's identity.
+async fn connect(params: &ConnParams, writer: &Writer) -> Result<Source> {
     let mut conn = Connection::connect(params).await?;
     let system = conn.identify_system().await?;
     let segment_size = conn.wal_segment_size().await?;
     let version = conn.server_version_num().await?;
-    if version < 150000 {
-        bail!("PostgreSQL {} is not supported: walvault needs PostgreSQL 15 or later", version / 10000);
-    }
-    identity::ensure(&*store, &Identity::new(system.system_identifier, version / 10000, segment_size)).await?;
-    remove_abandoned(&*store, segment_size).await?;
+    crate::stream::check_supported(version)?;
+    identity::ensure(writer, &Identity::new(system.system_identifier, version / 10000, segment_size)).await?;
+    Ok(Source { conn, system_identifier: system.system_identifier, segment_size, version })
+}
 
-    // A fresh id (one per second); never reuse an existing one.
-    let mut started = chrono::Utc::now();
+/// A fresh backup id (one per second; never an existing one), claimed with a lock object.
+async fn claim_id(writer: &Writer) -> Result<(String, chrono::DateTime<chrono::Utc>)> {
+    let store = writer.store();
+    let mut started = walvault_shared::time::now();
     let mut id = names::backup_id(started);
     while !store.list_all(&format!("{}{id}/", names::BACKUPS_PREFIX)).await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        started = chrono::Utc::now();
+        started = walvault_shared::time::now();
         id = names::backup_id(started);
     }
-    let lock = BackupLock { host: hostname(), pid: std::process::id(), started_at: started.to_rfc3339() };
-    store
-        .put(
-            &names::backup_lock(&id),
-            envelope::encode(ObjectKind::Metadata, &lock, b"", Compression::None, 0).into(),
-            PutMode::IfAbsent,
-        )
-        .await?;
+    let lock = BackupLock { host: hostname(), pid: std::process::id(), started_at: started };
+    let key = names::backup_lock(&id);
+    store.put(&key, writer.encode_metadata(&key, &lock), PutMode::IfAbsent).await?;
+    Ok((id, started))
+}
 
-    let label = format!("walvault {id}");
-    let (start_lsn, timeline, tablespaces) = conn.base_backup_start(&label, cfg.fast_checkpoint).await?;
-    let estimate: u64 = tablespaces.iter().filter_map(|t| t.size).sum();
-    let extra: Vec<String> =
-        tablespaces.iter().filter_map(|t| Some(format!("{} at {}", t.oid?, t.location.as_deref()?))).collect();
-    tracing::info!(backup = %id, %start_lsn, timeline = timeline.0, estimated_mib = estimate >> 20, tablespaces = ?extra, "base backup started");
+/// What the server sent: the tar archives (as stored parts), the manifest, the end position.
+struct Streamed {
+    archives: Vec<ArchiveInfo>,
+    manifest: Bytes,
+    stop_lsn: Lsn,
+    stop_timeline: TimelineId,
+    stopped: chrono::DateTime<chrono::Utc>,
+}
 
+/// Parts being compressed and uploaded, at most `limit` at once (bounded memory: the stream
+/// waits for a slot before taking more from the server).
+struct PartPool {
+    writer: Writer,
+    id: String,
+    level: i32,
+    limit: usize,
+    in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<(usize, PartInfo)>>>,
+    done: Vec<(usize, PartInfo)>,
+}
+
+impl PartPool {
+    async fn push(&mut self, archive_ix: usize, job: PartJob) -> Result<()> {
+        while self.in_flight.len() >= self.limit.max(1) {
+            let r = self.in_flight.next().await.expect("non-empty")??;
+            self.done.push(r);
+        }
+        let (writer, id, level) = (self.writer.clone(), self.id.clone(), self.level);
+        self.in_flight
+            .push(tokio::spawn(async move { upload_part(writer, id, job, level).await.map(|p| (archive_ix, p)) }));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<Vec<(usize, PartInfo)>> {
+        while let Some(r) = self.in_flight.next().await {
+            self.done.push(r??);
+        }
+        self.done.sort_by_key(|(_, p)| p.n);
+        Ok(self.done)
+    }
+}
+
+/// Read the BASE_BACKUP stream to its end, cutting each tar archive into parts.
+async fn stream_parts(conn: &mut Connection, writer: &Writer, id: &str, cfg: &BackupConfig) -> Result<Streamed> {
+    let mut pool = PartPool {
+        writer: writer.clone(),
+        id: id.to_string(),
+        level: cfg.zstd_level,
+        limit: cfg.concurrency,
+        in_flight: FuturesUnordered::new(),
+        done: Vec::new(),
+    };
     let mut archives: Vec<ArchiveInfo> = Vec::new();
     let mut buf = BytesMut::new();
     let mut manifest = BytesMut::new();
     let mut in_manifest = false;
     let mut next_part = 0u32;
-    let mut in_flight = FuturesUnordered::new();
-    let mut parts_of: Vec<(usize, PartInfo)> = Vec::new();
     let mut last_progress = Instant::now();
-    let flush_part = |buf: &mut BytesMut, next_part: &mut u32, archive_ix: usize| -> Option<(usize, PartJob)> {
+    // The current archive's buffered bytes become a part.
+    let mut cut = |buf: &mut BytesMut| -> Option<PartJob> {
         if buf.is_empty() {
             return None;
         }
-        let job = PartJob { n: *next_part, data: buf.split().freeze() };
-        *next_part += 1;
-        Some((archive_ix, job))
+        let job = PartJob { n: next_part, data: buf.split().freeze() };
+        next_part += 1;
+        Some(job)
     };
-    let end = loop {
-        let ev = conn.base_backup_next().await?;
-        let mut ready: Option<(usize, PartJob)> = None;
-        match ev {
+    loop {
+        match conn.base_backup_next().await? {
             BackupEvent::Archive { name, location } => {
-                if let Some(ix) = archives.len().checked_sub(1) {
-                    ready = flush_part(&mut buf, &mut next_part, ix);
+                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
+                    pool.push(ix, job).await?;
                 }
                 archives.push(ArchiveInfo { name, location, parts: Vec::new(), raw_bytes: 0 });
             }
@@ -195,7 +236,8 @@ pub async fn take_backup(
                 a.raw_bytes += d.len() as u64;
                 buf.extend_from_slice(&d);
                 if buf.len() >= cfg.part_size {
-                    ready = flush_part(&mut buf, &mut next_part, archives.len() - 1);
+                    let job = cut(&mut buf).expect("non-empty");
+                    pool.push(archives.len() - 1, job).await?;
                 }
             }
             BackupEvent::Progress(done) => {
@@ -205,96 +247,106 @@ pub async fn take_backup(
                 }
             }
             BackupEvent::Manifest => {
-                if let Some(ix) = archives.len().checked_sub(1) {
-                    ready = flush_part(&mut buf, &mut next_part, ix);
+                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
+                    pool.push(ix, job).await?;
                 }
                 in_manifest = true;
             }
             BackupEvent::End { lsn, timeline } => {
-                if !in_manifest {
-                    if let Some(ix) = archives.len().checked_sub(1) {
-                        ready = flush_part(&mut buf, &mut next_part, ix);
-                    }
+                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
+                    pool.push(ix, job).await?;
                 }
-                if let Some((ix, job)) = ready.take() {
-                    in_flight.push(tokio::spawn({
-                        let (store, id) = (store.clone(), id.clone());
-                        let level = cfg.zstd_level;
-                        async move { upload_part(store, id, job, level).await.map(|p| (ix, p)) }
-                    }));
+                for (ix, p) in pool.finish().await? {
+                    archives[ix].parts.push(p);
                 }
-                break (lsn, timeline, chrono::Utc::now());
+                return Ok(Streamed {
+                    archives,
+                    manifest: manifest.freeze(),
+                    stop_lsn: lsn,
+                    stop_timeline: timeline,
+                    stopped: walvault_shared::time::now(),
+                });
             }
         }
-        if let Some((ix, job)) = ready {
-            // Bounded memory: wait for a slot before taking more from the server.
-            while in_flight.len() >= cfg.concurrency.max(1) {
-                let (ix2, p) = in_flight.next().await.expect("non-empty")??;
-                parts_of.push((ix2, p));
-            }
-            in_flight.push(tokio::spawn({
-                let (store, id) = (store.clone(), id.clone());
-                let level = cfg.zstd_level;
-                async move { upload_part(store, id, job, level).await.map(|p| (ix, p)) }
-            }));
-        }
-    };
-    while let Some(r) = in_flight.next().await {
-        let (ix, p) = r??;
-        parts_of.push((ix, p));
     }
-    drop(conn);
-    parts_of.sort_by_key(|(_, p)| p.n);
-    for (ix, p) in parts_of {
-        archives[ix].parts.push(p);
-    }
-    let (stop_lsn, stop_timeline, stopped) = end;
-    let manifest_bytes = manifest.len() as u64;
-    let manifest = manifest.freeze();
-    let mkey = names::backup_manifest(&id);
-    let mobj =
-        envelope::encode(ObjectKind::Metadata, &serde_json::json!({"backup": id}), &manifest, Compression::Zstd, 3);
-    put_once(&*store, &mkey, mobj.into(), &manifest).await?;
-    tracing::info!(backup = %id, %stop_lsn, "base backup data stored; waiting for its WAL to be archived");
+}
 
-    // The backup is usable only with WAL [start, stop) in the archive.
-    let deadline = Instant::now() + cfg.wal_wait;
+/// Wait until the archive holds WAL `[start, stop)` on `timeline` (streamed by `run`).
+async fn wait_for_wal(
+    reader: &Reader,
+    seg: u64,
+    timeline: TimelineId,
+    start: Lsn,
+    stop: Lsn,
+    wait: Duration,
+    id: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + wait;
     loop {
-        let cat = WalCatalog::load(&*store, segment_size).await?;
-        if cat.pieces_for(timeline, start_lsn, stop_lsn).is_ok() {
-            break;
+        let listing = reader.wal_listing(seg).await?;
+        if listing.catalog.pieces_for(timeline, start, stop).is_ok() {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "the archive does not hold the WAL from {start_lsn} to {stop_lsn} (timeline {timeline}) after {:?}; backup {id} is left incomplete\nHINT: walvault-agent run must be streaming this cluster into the same archive",
-                cfg.wal_wait
+                "the archive does not hold the WAL from {start} to {stop} (timeline {timeline}) after {wait:?}; backup {id} is left incomplete\nHINT: walvault-agent run must be streaming this cluster into the same archive"
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let raw_bytes = archives.iter().map(|a| a.raw_bytes).sum();
-    let stored_bytes: u64 = archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_len).sum();
+}
+
+/// Take one base backup now; returns its description once it is complete.
+pub async fn take_backup(params: &ConnParams, writer: &Writer, cfg: &BackupConfig) -> Result<BackupDescription> {
+    let t0 = Instant::now();
+    let mut src = connect(params, writer).await?;
+    let reader = Reader::new(writer.store().clone(), None);
+    remove_abandoned(&reader, src.segment_size).await?;
+    let (id, started) = claim_id(writer).await?;
+    let label = format!("walvault {id}");
+    let (start_lsn, timeline, tablespaces) = src.conn.base_backup_start(&label, cfg.fast_checkpoint).await?;
+    let estimate: u64 = tablespaces.iter().filter_map(|t| t.size).sum();
+    let extra: Vec<String> =
+        tablespaces.iter().filter_map(|t| Some(format!("{} at {}", t.oid?, t.location.as_deref()?))).collect();
+    tracing::info!(backup = %id, %start_lsn, timeline = timeline.0, estimated_mib = estimate >> 20, tablespaces = ?extra, "base backup started");
+    let streamed = stream_parts(&mut src.conn, writer, &id, cfg).await?;
+    drop(src.conn);
+    let mkey = names::backup_manifest(&id);
+    let mobj = writer.encode(
+        &mkey,
+        ObjectKind::Metadata,
+        &serde_json::json!({"backup": id}),
+        &streamed.manifest,
+        Compression::Zstd,
+        3,
+    );
+    writer.put_once(&mkey, mobj, &streamed.manifest).await?;
+    tracing::info!(backup = %id, stop_lsn = %streamed.stop_lsn, "base backup data stored; waiting for its WAL to be archived");
+    wait_for_wal(&reader, src.segment_size, timeline, start_lsn, streamed.stop_lsn, cfg.wal_wait, &id).await?;
+    let raw_bytes = streamed.archives.iter().map(|a| a.raw_bytes).sum();
+    let stored_bytes: u64 = streamed.archives.iter().flat_map(|a| &a.parts).map(|p| p.stored_len).sum();
     let desc = BackupDescription {
         format_version: envelope::FORMAT_VERSION,
         id: id.clone(),
         label,
         start_lsn,
-        stop_lsn,
+        stop_lsn: streamed.stop_lsn,
         timeline,
-        stop_timeline,
-        start_time: started.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        stop_time: stopped.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        pg_version_num: version,
-        system_identifier: system.system_identifier.to_string(),
-        wal_segment_size: segment_size,
-        archives,
-        manifest_bytes,
+        stop_timeline: streamed.stop_timeline,
+        start_time: started,
+        stop_time: streamed.stopped,
+        pg_version_num: src.version,
+        system_identifier: src.system_identifier.to_string(),
+        wal_segment_size: src.segment_size,
+        archives: streamed.archives,
+        manifest_bytes: streamed.manifest.len() as u64,
         raw_bytes,
         stored_bytes,
         duration_seconds: t0.elapsed().as_secs_f64(),
     };
-    store.put(&names::backup_description(&id), backup::encode_description(&desc).into(), PutMode::IfAbsent).await?;
-    store.delete(&[names::backup_lock(&id)]).await?;
+    let dkey = names::backup_description(&id);
+    writer.store().put(&dkey, writer.encode_metadata(&dkey, &desc), PutMode::IfAbsent).await?;
+    writer.store().delete(&[names::backup_lock(&id)]).await?;
     tracing::info!(
         backup = %id,
         raw_mib = raw_bytes >> 20,

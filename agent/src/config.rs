@@ -1,4 +1,4 @@
-//! `walvault-agent run` settings: flags, `WALVAULT_*` environment variables and a TOML file.
+//! `walvault-agent` settings: flags, `WALVAULT_*` environment variables and a TOML file.
 //!
 //! Precedence: flag > environment variable > config file > default. Every flag `--foo-bar` is
 //! also the environment variable `WALVAULT_FOO_BAR` and the config key `foo_bar`. Unknown keys in
@@ -18,11 +18,14 @@
 //! ```
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use walvault_shared::archive::sign::SigningKey;
 
+use crate::cli::{ArchiveOpts, BackupOpts, RetentionOpts, ScheduleOpts, ServerOpts, StreamOpts};
 use crate::stream::StreamConfig;
 
 /// Parse `8MiB`, `8MB`, `512kB`, `4096` (binary multiples).
@@ -45,7 +48,11 @@ pub struct FileConfig {
     pub upload_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub status_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_timeout: Option<Duration>,
     pub listen: Option<String>,
+    /// Path of the Ed25519 signing key (the flag `--signing-key`).
+    pub signing_key: Option<PathBuf>,
     pub log_format: Option<String>,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
@@ -73,18 +80,130 @@ impl FileConfig {
     }
 }
 
-/// Validated settings for `run`.
+/// Settings every subcommand shares.
 #[derive(Debug)]
-pub struct RunSettings {
-    pub pg_url: String,
+pub struct Common {
     pub archive: String,
-    pub stream: StreamConfig,
-    pub listen: Option<String>,
-    pub log_json: bool,
     pub s3: walvault_shared::storage::s3::S3Options,
-    pub schedule: Schedule,
-    pub backup: crate::basebackup::BackupConfig,
-    pub retention: crate::retention::RetentionPolicy,
+    pub log_json: bool,
+}
+
+/// Read the config file (if any) and the archive settings.
+pub fn common(a: &ArchiveOpts) -> Result<(FileConfig, Common)> {
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let archive = a.archive.clone().or(file.archive.clone()).context(
+        "no archive given\nHINT: --archive file:///var/lib/walvault/archive (or s3://bucket/prefix), or archive = … in the config file",
+    )?;
+    walvault_shared::storage::RepoUrl::parse(&archive)?;
+    let log_json = match a.log_format.clone().or(file.log_format.clone()).as_deref().unwrap_or("plain") {
+        "plain" => false,
+        "json" => true,
+        o => bail!("invalid log format {o:?}: use plain or json"),
+    };
+    let s3 = walvault_shared::storage::s3::S3Options {
+        endpoint: a.s3_endpoint.clone().or(file.s3_endpoint.clone()),
+        region: a.s3_region.clone().or(file.s3_region.clone()),
+        force_path_style: a.s3_force_path_style || file.s3_force_path_style.unwrap_or(false),
+        ..Default::default()
+    };
+    Ok((file, Common { archive, s3, log_json }))
+}
+
+/// The PostgreSQL connection string; warns when a password was typed on the command line
+/// (visible to every local user in `ps`).
+pub fn pg_url(s: &ServerOpts, file: &FileConfig) -> String {
+    let url =
+        s.pg_url.clone().or(file.pg_url.clone()).or_else(|| std::env::var("DATABASE_URL").ok()).unwrap_or_default();
+    let in_argv = s.pg_url.as_ref().is_some_and(|u| std::env::args().any(|a| a.contains(u.as_str())));
+    if in_argv && has_password(&url) {
+        eprintln!(
+            "walvault-agent: warning: --pg-url holds a password, which any local user can read in the process list\nHINT: use PGPASSWORD, ~/.pgpass (mode 0600), WALVAULT_PG_URL or pg_url in a config file of mode 0600"
+        );
+    }
+    url
+}
+
+/// Whether a connection string carries a password (`user:pw@` or `password=`).
+pub fn has_password(url: &str) -> bool {
+    if let Some(rest) = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://")) {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        return authority.split_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    }
+    url.split_whitespace().any(|kv| kv.trim_start().starts_with("password="))
+}
+
+/// The signing key, if one is configured.
+pub fn signer(s: &ServerOpts, file: &FileConfig) -> Result<Option<Arc<SigningKey>>> {
+    match s.signing_key.clone().or(file.signing_key.clone()) {
+        Some(p) => Ok(Some(Arc::new(SigningKey::load(&p)?))),
+        None => Ok(None),
+    }
+}
+
+pub fn stream(o: &StreamOpts, file: &FileConfig) -> Result<StreamConfig> {
+    let d = StreamConfig::default();
+    let chunk_max_bytes = match o.chunk_max_bytes.clone().or(file.chunk_max_bytes.clone()) {
+        Some(s) => parse_bytes(&s)?,
+        None => d.chunk_max_bytes,
+    };
+    let c = StreamConfig {
+        slot: o.slot.clone().or(file.slot.clone()).unwrap_or(d.slot.clone()),
+        create_slot: !o.no_create_slot && file.create_slot.unwrap_or(true),
+        chunk_interval: o.chunk_interval.or(file.chunk_interval).unwrap_or(d.chunk_interval),
+        chunk_max_bytes,
+        upload_concurrency: o.upload_concurrency.or(file.upload_concurrency).unwrap_or(d.upload_concurrency),
+        upload_timeout: o.upload_timeout.or(file.upload_timeout).unwrap_or(d.upload_timeout),
+        status_interval: o.status_interval.or(file.status_interval).unwrap_or(d.status_interval),
+        shutdown_timeout: o.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(d.shutdown_timeout),
+        ..d
+    };
+    validate_stream(&c)?;
+    Ok(c)
+}
+
+pub fn listen(o: &StreamOpts, file: &FileConfig) -> Option<String> {
+    o.listen.clone().or(file.listen.clone())
+}
+
+pub fn schedule(o: &ScheduleOpts, file: &FileConfig) -> Result<Schedule> {
+    if o.no_backups || file.no_backups.unwrap_or(false) {
+        return Ok(Schedule::default());
+    }
+    let daily_at = o.backup_at.clone().or(file.backup_at.clone()).map(|s| parse_daily_time(&s)).transpose()?;
+    let wal_volume =
+        o.backup_wal_volume.clone().or(file.backup_wal_volume.clone()).map(|s| parse_bytes(&s)).transpose()?;
+    Ok(Schedule {
+        interval: o.backup_interval.or(file.backup_interval),
+        daily_at,
+        wal_volume: wal_volume.map(|v| v as u64),
+        initial: true,
+    })
+}
+
+pub fn backup(o: &BackupOpts, file: &FileConfig) -> Result<crate::basebackup::BackupConfig> {
+    let d = crate::basebackup::BackupConfig::default();
+    let part_size = match o.backup_part_size.clone().or(file.backup_part_size.clone()) {
+        Some(s) => parse_bytes(&s)?,
+        None => d.part_size,
+    };
+    if part_size as u64 > walvault_shared::archive::read::limits::PART || part_size < (1 << 20) {
+        bail!("backup part size {part_size} is out of range: 1MiB to 1GiB");
+    }
+    Ok(crate::basebackup::BackupConfig {
+        part_size,
+        fast_checkpoint: !(o.spread_checkpoint || file.spread_checkpoint.unwrap_or(false)),
+        ..d
+    })
+}
+
+pub fn retention(o: &RetentionOpts, file: &FileConfig) -> crate::retention::RetentionPolicy {
+    crate::retention::RetentionPolicy {
+        retain_full: o.retain_full.or(file.retain_full),
+        retain_days: o.retain_days.or(file.retain_days),
+    }
 }
 
 /// When `run` takes base backups. The first backup is taken as soon as streaming works when
@@ -127,6 +246,15 @@ mod tests {
         assert_eq!(parse_bytes("512kB").unwrap(), 512 << 10);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("8XB").is_err());
+    }
+
+    #[test]
+    fn passwords_in_connection_strings_are_noticed() {
+        assert!(has_password("postgresql://walvault:secret@db/postgres"));
+        assert!(has_password("host=db user=w password=secret"));
+        assert!(!has_password("postgresql://walvault@db:5432/postgres?sslmode=require"));
+        assert!(!has_password("postgresql://db/postgres?options=a:b@c"));
+        assert!(!has_password("host=db user=w"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The agent's counters and gauges, rendered as Prometheus text (`/metrics`) and JSON
-//! (`/status`). Lock-free atomics: the hot path only adds and stores.
+//! (`/status`). Counters and gauges are atomics; the one lock (the receive-time samples behind
+//! `archive_lag_seconds`) is taken at most once per 100 ms of streaming, not per message.
 //!
 //! | metric | type | meaning |
 //! |---|---|---|
@@ -17,7 +18,7 @@
 //! | `walvault_upload_errors_total` | counter | uploads that failed for good (split brain) |
 //! | `walvault_reconnects_total` | counter | replication connections re-opened |
 //! | `walvault_up` | gauge | 1 while a replication connection is streaming |
-//! | `walvault_last_backup_timestamp_seconds` | gauge | when the last base backup finished |
+//! | `walvault_last_backup_timestamp_seconds` | gauge | when the newest complete backup in the archive finished (whoever took it) |
 //! | `walvault_last_backup_duration_seconds` | gauge | how long it took |
 //! | `walvault_last_backup_bytes` | gauge | its size (database bytes) |
 //! | `walvault_next_backup_timestamp_seconds` | gauge | when the next scheduled backup is due |
@@ -71,9 +72,14 @@ pub struct Metrics {
     pub reconnects: Counter,
     /// Unix ms when the watermark last advanced.
     last_archived_ms: Gauge,
-    /// (end LSN received, Unix ms when received), oldest first, at most one entry per 100 ms:
-    /// the age of the oldest entry above the watermark is the archive lag in seconds.
+    /// Unix ms of the newest sample in `received_at`.
+    last_sample_ms: Gauge,
+    /// (end LSN received, Unix ms), oldest first, one sample per 100 ms of streaming: WAL up
+    /// to the LSN had arrived by then. The first sample above the watermark dates the oldest WAL
+    /// still waiting (to within 100 ms): that age is the archive lag in seconds.
     received_at: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Why the agent is not streaming, when it is not (for /healthz and /status).
+    pub state: Mutex<String>,
     last_error: Mutex<Option<(String, String)>>,
     pub system_identifier: Gauge,
     pub segment_size: Gauge,
@@ -81,6 +87,8 @@ pub struct Metrics {
     pub last_backup_seconds: Gauge,
     pub last_backup_bytes: Gauge,
     pub next_backup_unix: Gauge,
+    /// Id of the newest complete backup in the archive (whoever took it).
+    pub last_backup_id: Mutex<String>,
     pub backups_taken: Counter,
     pub backup_failures: Counter,
     pub archive_url: Mutex<String>,
@@ -91,21 +99,37 @@ fn now_ms() -> u64 {
 }
 
 impl Metrics {
+    /// WAL up to `lsn` has been received (called per message: two atomic operations, and a
+    /// lock once per 100 ms).
     pub fn set_received(&self, lsn: Lsn) {
         self.received_lsn.set(lsn.0);
         let now = now_ms();
-        let mut q = self.received_at.lock().unwrap();
-        match q.back_mut() {
-            // Within 100 ms of the newest entry: extend it (its time stays the earliest).
-            Some(b) if now < b.1 + 100 => b.0 = b.0.max(lsn.0),
-            _ => q.push_back((lsn.0, now)),
+        if now < self.last_sample_ms.get() + 100 {
+            return;
         }
-        // Bounded: merge the two oldest entries (keeping the older time) when it grows.
+        self.last_sample_ms.set(now);
+        let mut q = self.received_at.lock().unwrap();
+        q.push_back((lsn.0, now));
+        // Bounded: merge the two oldest samples (keeping the newer LSN, older time) when it grows.
         if q.len() > 10_000 {
             if let (Some(a), Some(b)) = (q.pop_front(), q.pop_front()) {
                 q.push_front((b.0, a.1));
             }
         }
+    }
+
+    /// 200 while streaming; otherwise 503 with the reason (archive unreachable, reconnecting).
+    pub fn health(&self) -> Result<(), String> {
+        if self.up.get() == 1 {
+            return Ok(());
+        }
+        let state = self.state.lock().unwrap().clone();
+        Err(if state.is_empty() { "not streaming".to_string() } else { format!("not streaming: {state}") })
+    }
+
+    /// Record why the agent is not streaming (empty: it is).
+    pub fn set_state(&self, s: impl Into<String>) {
+        *self.state.lock().unwrap() = s.into();
     }
 
     /// The watermark advanced: forget what it now covers.
@@ -121,7 +145,11 @@ impl Metrics {
     /// How long the oldest received-but-not-yet-durable WAL has been waiting (0: none waits).
     pub fn lag_seconds(&self) -> f64 {
         let archived = self.archived_lsn.get();
+        if self.received_lsn.get() <= archived {
+            return 0.0;
+        }
         let q = self.received_at.lock().unwrap();
+        // The WAL just above the watermark had arrived by the first sample above it.
         match q.iter().find(|e| e.0 > archived) {
             Some(e) => now_ms().saturating_sub(e.1) as f64 / 1000.0,
             None => 0.0,
@@ -177,7 +205,7 @@ impl Metrics {
         g("up", "1 while a replication connection is streaming.", "gauge", self.up.get() as f64);
         g(
             "last_backup_timestamp_seconds",
-            "When the last base backup finished (Unix time, 0: none).",
+            "When the newest complete base backup in the archive finished, whoever took it (Unix time, 0: none).",
             "gauge",
             self.last_backup_unix.get() as f64,
         );
@@ -207,6 +235,7 @@ impl Metrics {
             "archive": *self.archive_url.lock().unwrap(),
             "system_identifier": self.system_identifier.get().to_string(),
             "streaming": self.up.get() == 1,
+            "state": if self.up.get() == 1 { "streaming".to_string() } else { self.health().err().unwrap_or_default() },
             "timeline": self.timeline.get(),
             "received_lsn": Lsn(self.received_lsn.get()).to_string(),
             "archived_lsn": Lsn(self.archived_lsn.get()).to_string(),
@@ -219,6 +248,7 @@ impl Metrics {
             "upload_retries": self.upload_retries.get(),
             "reconnects": self.reconnects.get(),
             "last_backup_at": ts(self.last_backup_unix.get()),
+            "last_backup_id": Some(self.last_backup_id.lock().unwrap().clone()).filter(|s| !s.is_empty()),
             "last_backup_seconds": self.last_backup_seconds.get() as f64 / 1000.0,
             "last_backup_bytes": self.last_backup_bytes.get(),
             "next_backup_at": ts(self.next_backup_unix.get()),

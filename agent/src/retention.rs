@@ -16,8 +16,9 @@
 use anyhow::Result;
 use walvault_shared::archive::backup::{self, BackupDescription};
 use walvault_shared::archive::names::{self, ArchiveKey};
+use walvault_shared::archive::read::Reader;
+use walvault_shared::archive::write::Writer;
 use walvault_shared::lsn::Lsn;
-use walvault_shared::storage::ObjectStore;
 
 #[derive(Clone, Debug, Default)]
 pub struct RetentionPolicy {
@@ -55,14 +56,12 @@ pub fn keep(backups: &[BackupDescription], policy: &RetentionPolicy, now: chrono
     }
     if let Some(d) = policy.retain_days {
         let window_start = now - chrono::Duration::days(d as i64);
-        let stop = |b: &BackupDescription| {
-            chrono::DateTime::parse_from_rfc3339(&b.stop_time).map(|t| t.with_timezone(&chrono::Utc)).ok()
-        };
         let mut newest_before: Option<usize> = None;
         for (i, b) in backups.iter().enumerate() {
-            match stop(b) {
-                Some(t) if t >= window_start => keep[i] = true,
-                _ => newest_before = Some(i),
+            if b.stop_time >= window_start {
+                keep[i] = true;
+            } else {
+                newest_before = Some(i);
             }
         }
         if let Some(i) = newest_before {
@@ -74,16 +73,18 @@ pub fn keep(backups: &[BackupDescription], policy: &RetentionPolicy, now: chrono
 }
 
 pub async fn expire(
-    store: &dyn ObjectStore,
+    writer: &Writer,
     segment_size: u64,
     policy: &RetentionPolicy,
     dry_run: bool,
 ) -> Result<ExpireReport> {
+    let store = &**writer.store();
+    let reader = Reader::new(writer.store().clone(), None);
     let mut report = ExpireReport { dry_run, ..Default::default() };
     if !dry_run {
-        crate::basebackup::remove_abandoned(store, segment_size).await?;
+        crate::basebackup::remove_abandoned(&reader, segment_size).await?;
     }
-    let backups = backup::complete(store, segment_size).await?;
+    let backups = backup::complete(&reader, segment_size).await?;
     if backups.is_empty() || !policy.is_set() {
         report.kept_backups = backups.iter().map(|b| b.id.clone()).collect();
         return Ok(report);
@@ -148,8 +149,8 @@ mod tests {
             stop_lsn: Lsn(0),
             timeline: TimelineId(1),
             stop_timeline: TimelineId(1),
-            start_time: stop.into(),
-            stop_time: stop.into(),
+            start_time: walvault_shared::time::parse(stop).unwrap(),
+            stop_time: walvault_shared::time::parse(stop).unwrap(),
             pg_version_num: 150000,
             system_identifier: "1".into(),
             wal_segment_size: 16 << 20,

@@ -18,19 +18,17 @@
 //! the recoverable window. Exit codes: 0 target met and no gaps; 1 target missed or gaps;
 //! 2 error (including an empty archive or a wrong prefix).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use walvault_shared::archive::backup;
-use walvault_shared::archive::envelope;
-use walvault_shared::archive::names;
-use walvault_shared::archive::walcat::{ChunkRecord, WalCatalog, WalObjectMeta};
+use walvault_shared::archive::read::Reader;
+use walvault_shared::archive::walcat::ChunkRecord;
 use walvault_shared::lsn::{Lsn, TimelineId};
-use walvault_shared::storage::ObjectStore;
 
 pub struct AuditOptions {
     pub since: Option<DateTime<Utc>>,
@@ -90,18 +88,12 @@ pub struct AuditReport {
     pub pass: bool,
 }
 
-fn parse_t(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
-}
-
 /// (commit time, rpo seconds, weight)
 type Sample = (DateTime<Utc>, f64, f64);
 
 fn samples_of(r: &ChunkRecord) -> Vec<Sample> {
     let Some(c) = &r.commits else { return Vec::new() };
-    let (Some(f), Some(l), Some(d)) =
-        (c.first.as_deref().and_then(parse_t), c.last.as_deref().and_then(parse_t), parse_t(&r.durable_at))
-    else {
+    let (Some(f), Some(l), d) = (c.first, c.last, r.durable_at) else {
         return Vec::new();
     };
     if c.count == 0 {
@@ -146,18 +138,15 @@ fn period(start: String, s: &[Sample]) -> Period {
     }
 }
 
-pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<AuditReport> {
-    let id = walvault_shared::archive::identity::load_existing(store).await?;
+pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> {
+    let id = walvault_shared::archive::identity::load_existing(reader).await?;
     let seg = id.wal_segment_size;
-    let listing = store.list_all(names::WAL_PREFIX).await?;
-    if listing.is_empty() {
-        bail!("the archive {} holds no WAL: nothing to audit\nHINT: check the archive URL and prefix, and that walvault-agent run streams into it", store.url());
+    let listing = reader.wal_listing(seg).await?;
+    if listing.objects.is_empty() {
+        bail!("the archive {} holds no WAL: nothing to audit\nHINT: check the archive URL and prefix, and that walvault-agent run streams into it", reader.url());
     }
-    let mut cat = WalCatalog::empty(seg);
-    for o in &listing {
-        cat.add_key(&o.key);
-    }
-    let (records, objects_read) = chunk_records(store, &listing, seg).await?;
+    let cat = &listing.catalog;
+    let (records, objects_read) = reader.chunk_records(&listing).await?;
     let in_period = |t: DateTime<Utc>| opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u);
     let mut samples: Vec<(Sample, usize)> = Vec::new();
     let mut without = 0;
@@ -186,16 +175,16 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
         .iter()
         .filter_map(|r| {
             let c = r.commits.as_ref()?;
-            let f = parse_t(c.first.as_deref()?)?;
+            let f = c.first?;
             if !in_period(f) {
                 return None;
             }
-            let d = parse_t(&r.durable_at)?;
+            let d = r.durable_at;
             Some(Window {
                 timeline: r.timeline,
-                first_commit: c.first.clone()?,
-                last_commit: c.last.clone()?,
-                durable_at: r.durable_at.clone(),
+                first_commit: walvault_shared::time::text(f),
+                last_commit: walvault_shared::time::text(c.last?),
+                durable_at: walvault_shared::time::text(d),
                 commits: c.count,
                 max_rpo_s: (d - f).num_microseconds().unwrap_or(0) as f64 / 1e6,
                 lsn_start: r.start_lsn,
@@ -219,7 +208,7 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
             "wal": ranges.iter().map(|r| serde_json::json!({"start": r.0, "end": r.1})).collect::<Vec<_>>(),
         }));
     }
-    let backups = backup::complete(store, seg).await.unwrap_or_default();
+    let backups = backup::complete(reader, seg).await.unwrap_or_default();
     let last_tli = cat.highest_timeline();
     let recoverable_to_lsn = last_tli.and_then(|t| cat.ranges(t).last().map(|r| r.1));
     let mut all_w: Vec<(f64, f64)> = all.iter().map(|x| (x.1, x.2)).collect();
@@ -229,7 +218,7 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
     let target_met = target.map(|t| max.is_none_or(|m| m <= t));
     let pass = gaps.is_empty() && target_met.unwrap_or(true);
     Ok(AuditReport {
-        archive: store.url(),
+        archive: reader.url(),
         since: opts.since.map(|t| t.to_rfc3339()),
         until: opts.until.map(|t| t.to_rfc3339()),
         commits,
@@ -243,114 +232,15 @@ pub async fn audit(store: &dyn ObjectStore, opts: &AuditOptions) -> Result<Audit
         worst_windows: worst,
         gaps,
         timelines,
-        recoverable_from: backups.first().map(|b| format!("{} ({}, backup {})", b.stop_lsn, b.stop_time, b.id)),
+        recoverable_from: backups
+            .first()
+            .map(|b| format!("{} ({}, backup {})", b.stop_lsn, walvault_shared::time::text(b.stop_time), b.id)),
         recoverable_to_lsn,
         objects_read,
         chunk_records: records.len(),
         records_without_commit_data: without,
         pass,
     })
-}
-
-/// Every archived chunk's record (range, commit statistics, durable time): the commit index
-/// first, then the metadata of the objects it does not cover yet (one ranged GET each).
-/// Returns the records and how many objects were read.
-pub async fn chunk_records(
-    store: &dyn ObjectStore,
-    listing: &[walvault_shared::storage::ObjectMeta],
-    seg: u64,
-) -> Result<(Vec<ChunkRecord>, usize)> {
-    let modified: BTreeMap<&str, DateTime<Utc>> =
-        listing.iter().filter_map(|o| Some((o.key.as_str(), o.last_modified?))).collect();
-    let (mut records, mut objects_read) = walvault_shared::archive::index::load_all(store).await?;
-    let indexed: BTreeSet<(TimelineId, Lsn, Lsn)> =
-        records.iter().map(|r| (r.timeline, r.start_lsn, r.end_lsn)).collect();
-    let covered = |tli: TimelineId, s: Lsn, e: Lsn| indexed.range((tli, s, Lsn(0))..(tli, e, Lsn(0))).next().is_some();
-    // Objects the index does not cover yet: read their metadata (one ranged GET each).
-    for o in listing {
-        let Some(k) = names::parse(&o.key, seg) else { continue };
-        let (tli, s, e, whole) = match k {
-            names::ArchiveKey::Segment(sg) => (sg.timeline, sg.start_lsn(seg), Lsn(sg.start_lsn(seg).0 + seg), true),
-            names::ArchiveKey::Chunk { segment, start, end } => (segment.timeline, start, end, false),
-            _ => continue,
-        };
-        if covered(tli, s, e) {
-            continue;
-        }
-        let raw = store.get_range(&o.key, 0..envelope::HEADER_LEN as u64 + 256 * 1024).await?;
-        objects_read += 1;
-        let (_, meta) = envelope::decode_header(&o.key, &raw)?;
-        let m: WalObjectMeta = serde_json::from_slice(meta).with_context(|| format!("metadata of {}", o.key))?;
-        if whole && !m.chunks.is_empty() {
-            records.extend(m.chunks.iter().cloned().map(|mut c| {
-                c.timeline = tli;
-                c
-            }));
-        } else {
-            let durable = modified
-                .get(o.key.as_str())
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .unwrap_or_else(|| m.sealed_at.clone());
-            records.push(ChunkRecord {
-                timeline: tli,
-                start_lsn: s,
-                end_lsn: e,
-                sealed_at: m.sealed_at.clone(),
-                durable_at: durable,
-                commits: m.commits.clone(),
-            });
-        }
-    }
-    objects_read += rebuild_missing_commit_stats(store, listing, seg, &mut records).await?;
-    Ok((records, objects_read))
-}
-
-/// Objects written without commit statistics (by an older agent, or a session that could not
-/// parse its WAL): read their WAL from the segment's start and count the commits whose records
-/// end inside each record's range. One GET per segment involved. Returns the objects read.
-async fn rebuild_missing_commit_stats(
-    store: &dyn ObjectStore,
-    listing: &[walvault_shared::storage::ObjectMeta],
-    seg: u64,
-    records: &mut [ChunkRecord],
-) -> Result<usize> {
-    if records.iter().all(|r| r.commits.is_some()) {
-        return Ok(0);
-    }
-    let mut cat = WalCatalog::empty(seg);
-    for o in listing {
-        cat.add_key(&o.key);
-    }
-    let mut reads = 0;
-    // Segment content by (timeline, segment start), read once.
-    let mut cache: BTreeMap<(TimelineId, Lsn), Vec<u8>> = BTreeMap::new();
-    for r in records.iter_mut().filter(|r| r.commits.is_none()) {
-        let start = r.start_lsn.segment_start(seg);
-        if let std::collections::btree_map::Entry::Vacant(slot) = cache.entry((r.timeline, start)) {
-            let end = cat.contiguous_end(r.timeline, start).min(Lsn(start.0 + seg));
-            let Ok(bytes) = cat.read_range(store, r.timeline, start, end).await else { continue };
-            reads += cat.pieces_for(r.timeline, start, end).map(|p| p.len()).unwrap_or(0);
-            slot.insert(bytes);
-        }
-        let bytes = &cache[&(r.timeline, start)];
-        let upto = ((r.end_lsn.0 - start.0) as usize).min(bytes.len());
-        if upto < (r.end_lsn.0 - start.0) as usize {
-            continue; // the archive does not hold this range contiguously from the segment start
-        }
-        let mut reader = walvault_shared::walreader::WalReader::new(start, seg);
-        let mut stats = walvault_shared::archive::walcat::CommitStats::default();
-        for e in reader.feed(&bytes[..upto]) {
-            use walvault_shared::walreader::EventKind;
-            if e.end > r.start_lsn
-                && e.end <= r.end_lsn
-                && matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared)
-            {
-                stats.add(e.time());
-            }
-        }
-        r.commits = Some(stats);
-    }
-    Ok(reads)
 }
 
 pub fn table(r: &AuditReport) -> String {

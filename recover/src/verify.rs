@@ -19,24 +19,23 @@
 //! age when the drill ended: on a server that commits continuously, that age is the recovery
 //! point a real disaster would have had at this moment.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use walvault_shared::archive::read::Reader;
 use walvault_shared::lsn::Lsn;
-use walvault_shared::storage::ObjectStore;
 
+use crate::pgtools::{free_port, output_ok, Owner, PgTools};
 use crate::restore::RestoreOptions;
 
 /// What the drill needs besides the archive.
 pub struct DrillOptions {
     pub workdir: PathBuf,
-    pub pg_bin: PathBuf,
-    pub owner: Option<String>,
+    /// pg_ctl, psql and pg_verifybackup of the archive's major.
+    pub tools: PgTools,
+    pub owner: Option<Owner>,
     pub check_sql: Vec<String>,
     pub keep: bool,
     pub timeout: Duration,
@@ -70,49 +69,10 @@ pub struct DrillReport {
     pub checks: Vec<Check>,
 }
 
-/// A PostgreSQL program run as `owner` when we are root, else as ourselves.
-pub(crate) fn pg_cmd(bin: &Path, program: &str, owner: Option<&str>) -> Result<Command> {
-    use std::os::unix::process::CommandExt;
-    let mut c = Command::new(bin.join(program));
-    if let Some((uid, gid)) = owner_ids(owner)? {
-        c.uid(uid).gid(gid);
-    }
-    c.stdin(std::process::Stdio::null()).env("LC_ALL", "C");
-    Ok(c)
-}
-
-/// uid/gid of `owner` if we are root and one is given.
-pub(crate) fn owner_ids(owner: Option<&str>) -> Result<Option<(u32, u32)>> {
-    // SAFETY: geteuid has no preconditions.
-    let (Some(o), true) = (owner, unsafe { libc::geteuid() } == 0) else { return Ok(None) };
-    let name = std::ffi::CString::new(o)?;
-    // SAFETY: getpwnam returns static storage or null; the ids are copied at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        bail!("no such user {o:?}\nHINT: --owner takes the name of an existing user, the one PostgreSQL runs as (e.g. postgres)");
-    }
-    // SAFETY: non-null getpwnam result.
-    Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))
-}
-
-fn output_ok(mut c: Command, what: &str) -> Result<String> {
-    let o = c.output().with_context(|| format!("run {what}"))?;
-    if !o.status.success() {
-        bail!("{what} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-}
-
-/// A port number for the socket name: one nobody listens on over TCP now.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// A running drill server, stopped when dropped.
 struct Server<'a> {
-    bin: &'a Path,
-    owner: Option<&'a str>,
+    tools: &'a PgTools,
+    owner: Option<&'a Owner>,
     data: PathBuf,
     sock: PathBuf,
     port: u16,
@@ -121,7 +81,7 @@ struct Server<'a> {
 
 impl Server<'_> {
     fn psql(&self, sql: &str) -> Result<String> {
-        let mut c = pg_cmd(self.bin, "psql", self.owner)?;
+        let mut c = self.tools.command("psql", self.owner);
         c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"]);
         c.args(["-AtX", "-v", "ON_ERROR_STOP=1", "-c", sql]);
         output_ok(c, &format!("psql -c {sql:?}"))
@@ -129,9 +89,8 @@ impl Server<'_> {
 
     fn stop(&mut self) {
         if self.running {
-            if let Ok(mut c) = pg_cmd(self.bin, "pg_ctl", self.owner) {
-                let _ = c.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "-t", "120", "stop"]).output();
-            }
+            let mut c = self.tools.command("pg_ctl", self.owner);
+            let _ = c.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "-t", "120", "stop"]).output();
             self.running = false;
         }
     }
@@ -145,7 +104,7 @@ impl Drop for Server<'_> {
 
 /// Run the drill. Errors before anything was written (a non-empty workdir) are returned;
 /// every later failure is in the report.
-pub async fn drill(store: Arc<dyn ObjectStore>, restore: RestoreOptions, opts: &DrillOptions) -> Result<DrillReport> {
+pub async fn drill(reader: &Reader, restore: RestoreOptions, opts: &DrillOptions) -> Result<DrillReport> {
     let w = &opts.workdir;
     if w.exists() && std::fs::read_dir(w).with_context(|| format!("read {}", w.display()))?.next().is_some() {
         bail!(
@@ -156,11 +115,11 @@ pub async fn drill(store: Arc<dyn ObjectStore>, restore: RestoreOptions, opts: &
     std::fs::create_dir_all(w).with_context(|| format!("create {}", w.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(w, std::fs::Permissions::from_mode(0o700))?;
-    if let Some((uid, gid)) = owner_ids(opts.owner.as_deref())? {
-        std::os::unix::fs::chown(w, Some(uid), Some(gid))?;
+    if let Some(o) = &opts.owner {
+        std::os::unix::fs::chown(w, Some(o.uid), Some(o.gid))?;
     }
     let mut report = DrillReport { workdir: w.display().to_string(), ..Default::default() };
-    let result = steps(store, restore, opts, &mut report).await;
+    let result = steps(reader, restore, opts, &mut report).await;
     if let Err(e) = result {
         report.failure = Some(format!("{e:#}"));
     }
@@ -174,24 +133,24 @@ pub async fn drill(store: Arc<dyn ObjectStore>, restore: RestoreOptions, opts: &
 }
 
 async fn steps(
-    store: Arc<dyn ObjectStore>,
+    reader: &Reader,
     mut restore: RestoreOptions,
     opts: &DrillOptions,
     report: &mut DrillReport,
 ) -> Result<()> {
     let data = opts.workdir.join("data");
-    let owner = opts.owner.as_deref();
+    let owner = opts.owner.as_ref();
     restore.pgdata = data.clone();
-    let r = crate::restore::restore(store, &restore).await.context("restore")?;
+    let r = crate::restore::restore(reader, &restore).await.context("restore")?;
     report.backup = Some(r.backup.id.clone());
-    report.backup_stop_time = Some(r.backup.stop_time.clone());
+    report.backup_stop_time = Some(walvault_shared::time::text(r.backup.stop_time));
     report.restored_mib = Some(r.bytes >> 20);
     report.restore_seconds = Some(r.seconds);
     report.archived_to = Some(r.reachable.1);
     let seg = r.backup.wal_segment_size;
 
     // The restored files against the server's manifest (recovery settings excepted).
-    let mut c = pg_cmd(&opts.pg_bin, "pg_verifybackup", owner)?;
+    let mut c = opts.tools.command("pg_verifybackup", owner);
     c.args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal"]);
     if !r.had_postgresql_conf {
         c.args(["-i", "postgresql.conf"]);
@@ -202,14 +161,14 @@ async fn steps(
 
     let port = free_port()?;
     let mut server =
-        Server { bin: &opts.pg_bin, owner, data: data.clone(), sock: opts.workdir.clone(), port, running: false };
+        Server { tools: &opts.tools, owner, data: data.clone(), sock: opts.workdir.clone(), port, running: false };
     let log = opts.workdir.join("postgres.log");
     let o = format!(
         "-p {port} -c listen_addresses='' -c unix_socket_directories='{}' -c archive_mode=off",
         opts.workdir.display()
     );
     let t0 = Instant::now();
-    let mut c = pg_cmd(&opts.pg_bin, "pg_ctl", owner)?;
+    let mut c = opts.tools.command("pg_ctl", owner);
     c.arg("-D").arg(&data).args(["-o", &o, "-l"]).arg(&log).args(["-w", "-t", "600", "start"]);
     server.running = true;
     if let Err(e) = output_ok(c, "pg_ctl start") {

@@ -6,7 +6,8 @@
 //!   segment size (PostgreSQL reads zeros as the end of WAL, which is exactly where the archive
 //!   ends).
 //! * The file is written to a temporary name beside DEST, fsynced and renamed: a corrupt
-//!   object (checksum mismatch) is never handed to PostgreSQL.
+//!   object (checksum mismatch) — or, with `--verify-key`, one whose signature does not
+//!   verify — is never handed to PostgreSQL.
 //!
 //! Exit codes, chosen for what PostgreSQL does with them:
 //! * 0: DEST written;
@@ -18,11 +19,14 @@
 use std::io::Write;
 use std::path::Path;
 
+use std::process::ExitCode;
+
 use anyhow::{Context, Result};
-use walvault_shared::archive::envelope;
 use walvault_shared::archive::names;
-use walvault_shared::storage::ObjectStore;
+use walvault_shared::archive::read::{Reader, WalListing, Want};
 use walvault_shared::wal::{SegmentName, WalFileName};
+
+use crate::cli::ArchiveArgs;
 
 pub enum Fetched {
     Written,
@@ -30,44 +34,87 @@ pub enum Fetched {
 }
 
 /// The content PostgreSQL asked for, or `None` when the archive does not have it.
-pub async fn content(store: &dyn ObjectStore, file: &str, segment_size: u64) -> Result<Option<Vec<u8>>> {
-    let name = WalFileName::parse(file, segment_size)?;
-    match name {
-        WalFileName::History(tli) => get_decoded(store, &names::history(tli)).await,
+pub async fn content(reader: &Reader, file: &str, segment_size: u64) -> Result<Option<Vec<u8>>> {
+    match WalFileName::parse(file, segment_size)? {
+        WalFileName::History(tli) => Ok(reader.read_opt(&names::history(tli), Want::HISTORY).await?.map(|d| d.content)),
         WalFileName::Partial(_) => Ok(None),
-        WalFileName::Segment(seg) => segment(store, &seg, segment_size).await,
+        WalFileName::Segment(seg) => segment(reader, &seg, segment_size).await,
     }
 }
 
-async fn get_decoded(store: &dyn ObjectStore, key: &str) -> Result<Option<Vec<u8>>> {
-    match store.get(key).await {
-        Ok(raw) => Ok(Some(envelope::decode(key, &raw)?.content)),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn segment(store: &dyn ObjectStore, seg: &SegmentName, segment_size: u64) -> Result<Option<Vec<u8>>> {
+async fn segment(reader: &Reader, seg: &SegmentName, segment_size: u64) -> Result<Option<Vec<u8>>> {
     let key = names::segment(seg, segment_size);
-    if let Some(c) = get_decoded(store, &key).await? {
-        if c.len() as u64 != segment_size {
-            anyhow::bail!("object {key} holds {} bytes, not a whole segment of {segment_size}", c.len());
+    if let Some(d) = reader.read_opt(&key, Want::segment(segment_size)).await? {
+        if d.content.len() as u64 != segment_size {
+            anyhow::bail!("object {key} holds {} bytes, not a whole segment of {segment_size}", d.content.len());
         }
-        return Ok(Some(c));
+        return Ok(Some(d.content));
     }
     // Chunks only: the newest, not yet complete segment (or one whose consolidation is pending).
-    let mut cat = walvault_shared::archive::walcat::WalCatalog::empty(segment_size);
-    for o in store.list_all(&format!("{key}.")).await? {
-        cat.add_key(&o.key);
-    }
+    let objects = reader.store().list_all(&format!("{key}.")).await?;
+    let listing = WalListing::new(objects, segment_size);
     let start = seg.start_lsn(segment_size);
-    let end = cat.contiguous_end(seg.timeline, start);
+    let end = listing.catalog.contiguous_end(seg.timeline, start);
     if end == start {
         return Ok(None);
     }
-    let mut out = cat.read_range(store, seg.timeline, start, end).await?;
+    let mut out = reader.read_wal(&listing, seg.timeline, start, end).await?.bytes;
     out.resize(segment_size as usize, 0);
     Ok(Some(out))
+}
+
+/// `wal-fetch`: serve `walfile` into `dest` (from the prefetch spool if it is there), then
+/// start the prefetcher for the segments after it. Exit 0 written, 1 not in the archive.
+pub async fn run(
+    reader: &Reader,
+    archive: &ArchiveArgs,
+    prefetch: u32,
+    walfile: &str,
+    dest: &Path,
+) -> Result<ExitCode> {
+    let spool = spool_dir(dest);
+    let id = walvault_shared::archive::identity::load_existing(reader).await?;
+    let seg = SegmentName::parse(walfile, id.wal_segment_size).ok();
+    let fetched = if seg.is_some() && take_from_spool(&spool, walfile, dest) {
+        Fetched::Written
+    } else {
+        fetch(reader, walfile, dest, id.wal_segment_size).await?
+    };
+    match fetched {
+        Fetched::Written => {
+            if let (Some(seg), true) = (seg, prefetch > 0) {
+                prune_spool(&spool, &seg, id.wal_segment_size);
+                spawn_prefetcher(archive, &spool, walfile, prefetch);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Fetched::NotInArchive => Ok(ExitCode::from(1)),
+    }
+}
+
+/// The hidden `wal-prefetch` subcommand.
+pub async fn run_prefetch(reader: &Reader, spool: &Path, count: u32, after: &str) -> Result<u32> {
+    let id = walvault_shared::archive::identity::load_existing(reader).await?;
+    let seg = SegmentName::parse(after, id.wal_segment_size)?;
+    prefetch(reader, spool, &seg, count, id.wal_segment_size).await
+}
+
+/// Start the background prefetcher, detached: PostgreSQL waits only for this process.
+fn spawn_prefetcher(archive: &ArchiveArgs, spool: &Path, after: &str, count: u32) {
+    use std::os::unix::process::CommandExt;
+    let (Ok(exe), Ok(args)) = (std::env::current_exe(), archive.args()) else { return };
+    let mut c = std::process::Command::new(exe);
+    c.arg("wal-prefetch").args(args);
+    c.arg("--spool").arg(spool).arg("--count").arg(count.to_string()).arg(after);
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec; it only detaches from our session.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = c.spawn();
 }
 
 /// Write `data` to `dest` atomically (temp name, fsync, rename, fsync dir).
@@ -88,8 +135,8 @@ pub fn write_atomically(dest: &Path, data: &[u8]) -> Result<()> {
     r
 }
 
-pub async fn fetch(store: &dyn ObjectStore, file: &str, dest: &Path, segment_size: u64) -> Result<Fetched> {
-    match content(store, file, segment_size).await? {
+pub async fn fetch(reader: &Reader, file: &str, dest: &Path, segment_size: u64) -> Result<Fetched> {
+    match content(reader, file, segment_size).await? {
         None => Ok(Fetched::NotInArchive),
         Some(c) => {
             write_atomically(dest, &c)?;
@@ -140,7 +187,7 @@ pub fn prune_spool(spool: &Path, after: &SegmentName, segment_size: u64) {
 /// as a whole segment (the newest, still growing segment is never prefetched). One prefetcher
 /// per spool at a time (an exclusive lock on `spool/.lock`).
 pub async fn prefetch(
-    store: &dyn ObjectStore,
+    reader: &Reader,
     spool: &Path,
     after: &SegmentName,
     count: u32,
@@ -164,14 +211,14 @@ pub async fn prefetch(
     }
     let fetches = futures::future::join_all(wanted.into_iter().map(|(seg, name)| async move {
         let key = names::segment(&seg, segment_size);
-        (name, get_decoded(store, &key).await)
+        (name, reader.read_opt(&key, Want::segment(segment_size)).await)
     }))
     .await;
     let mut n = 0;
     for (name, r) in fetches {
         match r {
-            Ok(Some(c)) if c.len() as u64 == segment_size => {
-                write_atomically(&spool.join(&name), &c)?;
+            Ok(Some(d)) if d.content.len() as u64 == segment_size => {
+                write_atomically(&spool.join(&name), &d.content)?;
                 n += 1;
             }
             // Not (yet) a whole segment, or unreadable: PostgreSQL will ask wal-fetch for it

@@ -62,18 +62,14 @@ pub struct WalEvent {
 impl WalEvent {
     /// The timestamp as a UTC time.
     pub fn time(&self) -> chrono::DateTime<chrono::Utc> {
-        pg_time(self.timestamp)
+        crate::time::from_pg(self.timestamp)
     }
-}
 
-/// PostgreSQL microseconds-since-2000 to UTC.
-pub fn pg_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
-    const PG_EPOCH: i64 = 946_684_800;
-    chrono::DateTime::from_timestamp(
-        PG_EPOCH + micros.div_euclid(1_000_000),
-        (micros.rem_euclid(1_000_000) * 1000) as u32,
-    )
-    .unwrap_or_default()
+    /// A commit (plain or of a prepared transaction): what recovery targets and the RPO audit
+    /// count.
+    pub fn is_commit(&self) -> bool {
+        matches!(self.kind, EventKind::Commit | EventKind::CommitPrepared)
+    }
 }
 
 pub struct WalReader {

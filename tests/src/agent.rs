@@ -5,8 +5,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use walvault_shared::archive::envelope;
+use std::sync::Arc;
+
 use walvault_shared::archive::names;
+use walvault_shared::archive::read::{Reader, Want};
 use walvault_shared::archive::walcat::WalCatalog;
 use walvault_shared::lsn::{Lsn, SegNo, TimelineId};
 use walvault_shared::storage::ObjectStore;
@@ -201,25 +203,31 @@ impl Drop for Agent {
     }
 }
 
+/// The WAL catalogue of an archive (one listing).
+pub async fn catalog(store: &Arc<dyn ObjectStore>, segment_size: u64) -> Result<WalCatalog> {
+    Ok(Reader::new(store.clone(), None).wal_listing(segment_size).await?.catalog)
+}
+
 /// Read a whole archived segment (decoded) from the archive.
 pub async fn read_segment(
-    store: &dyn ObjectStore,
+    store: &Arc<dyn ObjectStore>,
     tli: TimelineId,
     segno: SegNo,
     segment_size: u64,
 ) -> Result<Vec<u8>> {
     let key = names::segment(&SegmentName::new(tli, segno), segment_size);
-    let raw = store.get(&key).await?;
-    Ok(envelope::decode(&key, &raw)?.content)
+    Ok(Reader::new(store.clone(), None).read(&key, Want::segment(segment_size)).await?.content)
 }
 
 /// Assemble WAL bytes `[from, to)` of `tli` from whatever objects hold them.
 pub async fn read_wal(
-    store: &dyn ObjectStore,
+    store: &Arc<dyn ObjectStore>,
     tli: TimelineId,
     from: Lsn,
     to: Lsn,
     segment_size: u64,
 ) -> Result<Vec<u8>> {
-    WalCatalog::load(store, segment_size).await?.read_range(store, tli, from, to).await
+    let reader = Reader::new(store.clone(), None);
+    let listing = reader.wal_listing(segment_size).await?;
+    Ok(reader.read_wal(&listing, tli, from, to).await?.bytes)
 }

@@ -22,6 +22,24 @@ pub fn test_root() -> Result<PathBuf> {
     Ok(root)
 }
 
+/// A new local archive for one test: `(its temp dir, the archive URL, the archive root)`.
+///
+/// The root is created the way an operator shares an archive between the agent's user and
+/// PostgreSQL's (whose `restore_command` reads it): mode 2750, group of the PostgreSQL user, so
+/// that every object the store writes is readable by that group and by nobody else.
+pub fn local_archive() -> Result<(tempfile::TempDir, String, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("archive-").tempdir_in(test_root()?)?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let root = dir.path().join("repo");
+    std::fs::create_dir(&root)?;
+    if let Some(u) = pg::pg_user()? {
+        std::os::unix::fs::chown(&root, None, Some(u.gid))?;
+    }
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o2750))?;
+    Ok((dir, format!("file://{}", root.display()), root))
+}
+
 /// A loopback port that is free now. Test processes run in parallel, so ports are drawn at
 /// random from a range the kernel does not hand out on its own (below the ephemeral range)
 /// rather than asking for port 0 and racing other processes for the same answers.

@@ -4,11 +4,12 @@
 //! * a [`Job::Chunk`] when the open chunk is sealed: by the time bound (the caller asks with
 //!   [`Chunker::seal`] once `chunk_interval` has passed since its first byte), by the size bound
 //!   (`chunk_max_bytes`), or at the end of a segment (a chunk never crosses a segment);
-//! * a [`Job::Segment`] right after the chunk that completes a segment, holding the whole
-//!   segment, when the chunker has seen the segment from its first byte (either streamed, or
-//!   loaded back from the archive after a restart).
+//! * a [`Job::Segment`] right after the chunk that completes a segment, when the chunker has
+//!   seen the segment from its first byte (either streamed, or loaded back from the archive
+//!   after a restart): the uploader then writes the whole-segment object from the chunks'
+//!   compressed frames.
 //!
-//! Memory: the current segment's bytes (at most one segment size) plus the open chunk.
+//! Memory: the open chunk (at most `chunk_max_bytes`) and the archived prefix being verified.
 
 use std::time::Instant;
 
@@ -31,8 +32,9 @@ pub enum Job {
         sealed_at: chrono::DateTime<chrono::Utc>,
         commits: CommitStats,
     },
-    /// Upload once every chunk up to `after_seq` is durable, then delete the segment's chunks.
-    Segment { after_seq: u64, segment: SegmentName, data: Bytes },
+    /// Write the whole segment once every chunk up to `after_seq` is durable, then delete the
+    /// segment's chunks.
+    Segment { after_seq: u64, segment: SegmentName },
 }
 
 pub struct Chunker {
@@ -45,8 +47,8 @@ pub struct Chunker {
     timeline: TimelineId,
     /// Next byte expected from the server.
     pos: Lsn,
-    /// Bytes of the current segment before the open chunk; `None` if we did not see its start.
-    segment_prefix: Option<Vec<Bytes>>,
+    /// Whether the current segment was seen (streamed or verified) from its first byte.
+    whole_segment: bool,
     chunk: BytesMut,
     chunk_start: Lsn,
     chunk_opened: Option<Instant>,
@@ -85,7 +87,6 @@ impl Chunker {
         verify: Bytes,
         first_seq: u64,
     ) -> Self {
-        let prefix = start.is_segment_start(segment_size).then(Vec::new);
         Chunker {
             segment_size,
             verify,
@@ -93,7 +94,7 @@ impl Chunker {
             max_chunk: max_chunk.max(1),
             timeline,
             pos: start,
-            segment_prefix: prefix,
+            whole_segment: start.is_segment_start(segment_size),
             chunk: BytesMut::new(),
             chunk_start: start,
             chunk_opened: None,
@@ -129,6 +130,9 @@ impl Chunker {
     pub fn position(&self) -> Lsn {
         self.pos
     }
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -158,9 +162,8 @@ impl Chunker {
             self.pos = Lsn(self.pos.0 + n as u64);
             data = &data[n..];
             if self.pos == verify_end {
-                if let Some(prefix) = self.segment_prefix.as_mut() {
-                    prefix.push(self.verify.clone());
-                }
+                self.verify = Bytes::new();
+                self.verify_start = verify_end;
             }
         }
         while !data.is_empty() {
@@ -197,25 +200,17 @@ impl Chunker {
             segment,
             start: self.chunk_start,
             end: self.pos,
-            data: data.clone(),
-            sealed_at: chrono::Utc::now(),
+            data,
+            sealed_at: walvault_shared::time::now(),
             commits: std::mem::take(&mut self.commits),
         });
         self.chunk_opened = None;
-        if let Some(prefix) = self.segment_prefix.as_mut() {
-            prefix.push(data);
-        }
         if self.pos.is_segment_start(self.segment_size) {
-            if let Some(pieces) = self.segment_prefix.take() {
-                let mut whole = BytesMut::with_capacity(self.segment_size as usize);
-                for p in pieces {
-                    whole.extend_from_slice(&p);
-                }
-                debug_assert_eq!(whole.len() as u64, self.segment_size);
-                jobs.push(Job::Segment { after_seq: seq, segment, data: whole.freeze() });
+            if self.whole_segment {
+                jobs.push(Job::Segment { after_seq: seq, segment });
             }
             // The next segment is streamed from its first byte.
-            self.segment_prefix = Some(Vec::new());
+            self.whole_segment = true;
         }
     }
 }
@@ -230,7 +225,7 @@ mod tests {
         jobs.iter()
             .map(|j| match j {
                 Job::Chunk { start, end, .. } => format!("c{}-{}", start.0, end.0),
-                Job::Segment { segment, data, .. } => format!("s{}:{}", segment.segno.0, data.len()),
+                Job::Segment { segment, .. } => format!("s{}", segment.segno.0),
             })
             .collect()
     }
@@ -247,7 +242,7 @@ mod tests {
                 format!("c{}-{}", SZ, SZ + 400_000),
                 format!("c{}-{}", SZ + 400_000, SZ + 800_000),
                 format!("c{}-{}", SZ + 800_000, 2 * SZ),
-                format!("s1:{SZ}"),
+                "s1".to_string(),
             ]
         );
         assert!(c.chunk_opened().is_some(), "100 bytes of the next segment are open");
@@ -269,12 +264,11 @@ mod tests {
         let mut more = vec![3u8; 400];
         more.extend_from_slice(&vec![9u8; SZ as usize - 1000]);
         c.push(Lsn(SZ + 600), &more, &mut jobs).unwrap();
-        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 1000, 2 * SZ), format!("s1:{SZ}")]);
-        match &jobs[1] {
-            Job::Segment { after_seq, data, .. } => {
-                assert_eq!(*after_seq, 5);
-                assert_eq!(&data[..1000], &archived[..]);
-                assert_eq!(data[1000], 9);
+        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 1000, 2 * SZ), "s1".to_string()]);
+        match (&jobs[0], &jobs[1]) {
+            (Job::Chunk { seq, data, .. }, Job::Segment { after_seq, .. }) => {
+                assert_eq!((*seq, *after_seq), (5, 5));
+                assert_eq!(data[0], 9, "only the new bytes are uploaded");
             }
             j => panic!("{j:?}"),
         }

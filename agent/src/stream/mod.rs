@@ -20,14 +20,22 @@
 //!
 //! When a session fails (PostgreSQL restarted, network cut) the uploader first drains what was
 //! received, then the agent reconnects with backoff and starts again at step 1; the archive is
-//! the only state carried over. Split brain, another cluster's archive, and a refused password
-//! stop the agent.
+//! the only state carried over. An archive that cannot be reached — at start or later — is
+//! retried the same way (`/healthz` answers 503 and `walvault_up` is 0 meanwhile, with a log
+//! line per attempt). What cannot heal stops the agent: split brain, another cluster's archive,
+//! a missing bucket or refused access, a refused password, and a first connection to PostgreSQL
+//! that fails (a misconfiguration should fail fast, not retry in silence).
 //!
-//! Memory bound: one segment (the segment being assembled) + `(queue_depth + concurrency) ×
-//! chunk_max_bytes` (sealed chunks waiting or uploading) + one segment per consolidation in
-//! flight. With the defaults and 16 MiB segments: 16 + (8 + 4) × 8 + 16 ≈ 130 MiB at most,
-//! whatever the WAL rate; when the archive is slower than WAL, the receiver stops reading and
-//! PostgreSQL (through the slot) holds the rest.
+//! Shutdown (the token is cancelled at SIGTERM): the open chunk is sealed and the uploader gets
+//! `shutdown_timeout` to make everything received durable; if the archive is down past that,
+//! the uploader is cancelled and [`run`] fails, saying how much WAL stays in the slot.
+//!
+//! Memory bound: the open chunk + `(queue_depth + concurrency) × chunk_max_bytes` (sealed
+//! chunks waiting or uploading) + the compressed frames of the segment being filled (a fifth
+//! to a tenth of a segment) + one compressed segment per consolidation in flight. With the
+//! defaults: 8 + (8 + 4) × 8 + ~4 + ~4 ≈ 110 MiB at most, whatever the WAL rate; when the
+//! archive is slower than WAL, the receiver stops reading and PostgreSQL (through the slot)
+//! holds the rest.
 
 pub mod chunker;
 pub mod uploader;
@@ -38,19 +46,23 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
+use tokio_util::sync::CancellationToken;
+use walvault_shared::archive::envelope::{Compression, ObjectKind};
 use walvault_shared::archive::identity::{self, Identity};
-use walvault_shared::archive::walcat::{ChunkRecord, WalCatalog};
-use walvault_shared::archive::{names, put_once};
+use walvault_shared::archive::names;
+use walvault_shared::archive::read::{Reader, WalListing, WalRange};
+use walvault_shared::archive::walcat::WalCatalog;
+use walvault_shared::archive::write::{PutOnceError, Writer};
 use walvault_shared::lsn::{Lsn, TimelineId};
-use walvault_shared::storage::ObjectStore;
+use walvault_shared::storage::retry::RetryPolicy;
+use walvault_shared::storage::StorageError;
 use walvault_shared::wal::TimelineHistory;
 
 use crate::metrics::Metrics;
 use crate::replication::conninfo::ConnParams;
-use crate::replication::{Connection, PgError, ReplicationMessage};
+use crate::replication::{Connection, PgError, ReplicationMessage, SlotInfo};
 use chunker::{Chunker, Job};
-use uploader::{FatalUpload, UploadConfig};
+use uploader::{Frame, UploadConfig, UploadStop, Uploader};
 
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
@@ -62,6 +74,7 @@ pub struct StreamConfig {
     pub upload_concurrency: usize,
     pub upload_timeout: Duration,
     pub status_interval: Duration,
+    pub shutdown_timeout: Duration,
     pub zstd_level: i32,
     pub reconnect_max_delay: Duration,
 }
@@ -77,6 +90,7 @@ impl Default for StreamConfig {
             upload_concurrency: 4,
             upload_timeout: Duration::from_secs(60),
             status_interval: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
             zstd_level: 1,
             reconnect_max_delay: Duration::from_secs(30),
         }
@@ -88,47 +102,95 @@ impl Default for StreamConfig {
 #[error("{0:#}")]
 pub struct Fatal(pub anyhow::Error);
 
+/// The archive could not be reached (or answered with an error that may heal): retried.
+#[derive(Debug, thiserror::Error)]
+#[error("archive unreachable: {0:#}")]
+pub struct ArchiveDown(pub anyhow::Error);
+
 fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<Fatal>().is_some()
-            || c.downcast_ref::<FatalUpload>().is_some()
+            || matches!(c.downcast_ref::<UploadStop>(), Some(UploadStop::Fatal(_)))
             || c.downcast_ref::<PgError>().is_some_and(PgError::is_auth_failure)
     })
 }
 
-/// Stream until `shutdown` turns true. Reconnects on failure; returns an error only for fatal
-/// failures, or when the very first connection cannot be made (a misconfiguration should fail
-/// fast, not retry forever in silence).
+fn is_archive_outage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<ArchiveDown>().is_some())
+}
+
+/// Classify an error from an archive operation: what cannot heal (another cluster's archive,
+/// split brain, a missing bucket, refused access, a key the store rejects) is [`Fatal`];
+/// everything else is an [`ArchiveDown`] outage, retried.
+fn archive_err(e: anyhow::Error) -> anyhow::Error {
+    let permanent = e.chain().any(|c| {
+        c.downcast_ref::<identity::Mismatch>().is_some()
+            || matches!(c.downcast_ref::<PutOnceError>(), Some(PutOnceError::SplitBrain { .. }))
+            || matches!(c.downcast_ref::<StorageError>(), Some(StorageError::Permanent { .. }))
+    });
+    if permanent {
+        anyhow::Error::new(Fatal(e))
+    } else {
+        anyhow::Error::new(ArchiveDown(e))
+    }
+}
+
+/// The PostgreSQL majors walvault supports, or why not (`READ_REPLICATION_SLOT` is 15+).
+pub fn check_supported(version_num: u32) -> Result<()> {
+    if version_num < 150000 {
+        return Err(Fatal(anyhow!(
+            "PostgreSQL {} is not supported: walvault needs PostgreSQL 15 or later (READ_REPLICATION_SLOT)\nHINT: upgrade the server, or keep using your current backup tool for it",
+            version_text(version_num)
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `server_version_num` as PostgreSQL writes the version: `14.23`, `9.6.24`.
+pub fn version_text(v: u32) -> String {
+    if v >= 100000 {
+        format!("{}.{}", v / 10000, v % 10000)
+    } else {
+        format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100)
+    }
+}
+
+/// Stream until `shutdown` is cancelled. Reconnects on failure; returns an error only for
+/// fatal failures, a first connection to PostgreSQL that cannot be made, or a shutdown that
+/// could not archive everything received within its deadline.
 pub async fn run(
     params: ConnParams,
-    store: Arc<dyn ObjectStore>,
+    writer: Writer,
     cfg: StreamConfig,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<()> {
+    let backoff = RetryPolicy { initial: Duration::from_millis(500), max: cfg.reconnect_max_delay, max_attempts: None };
     let mut attempt = 0u32;
     let mut ever_streamed = false;
     loop {
-        let r = session(&params, &store, &cfg, &metrics, &mut shutdown, &mut ever_streamed).await;
+        metrics.set_state("connecting");
+        let r = session(&params, &writer, &cfg, &metrics, &shutdown, &mut ever_streamed).await;
         metrics.up.set(0);
         match r {
             Ok(()) => return Ok(()),
-            Err(e) if is_fatal(&e) || !ever_streamed => return Err(e),
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) if !ever_streamed && !is_archive_outage(&e) => return Err(e),
             Err(e) => {
                 attempt += 1;
                 metrics.reconnects.inc();
                 metrics.set_error(format!("{e:#}"));
-                let delay =
-                    (Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(10))).min(cfg.reconnect_max_delay);
+                metrics.set_state(format!("{e:#}"));
+                let delay = backoff.delay(attempt).max(Duration::from_millis(250));
                 tracing::warn!(
-                    "replication session ended: {e:#}; reconnecting in {delay:?} (WAL not yet archived stays in the slot)"
+                    attempt,
+                    "replication session ended: {e:#}; retrying in {delay:?} (WAL not yet archived stays in the slot)"
                 );
                 tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return Ok(()),
-                }
-                if *shutdown.borrow() {
-                    return Ok(());
                 }
             }
         }
@@ -139,180 +201,160 @@ pub async fn run(
 struct Server {
     system: crate::replication::SystemInfo,
     segment_size: u64,
-    history: TimelineHistory,
+    version: u32,
 }
 
-async fn session(
-    params: &ConnParams,
-    store: &Arc<dyn ObjectStore>,
-    cfg: &StreamConfig,
-    metrics: &Arc<Metrics>,
-    shutdown: &mut watch::Receiver<bool>,
-    ever_streamed: &mut bool,
-) -> Result<()> {
+/// Connect, identify the server and check that walvault supports it.
+async fn connect(params: &ConnParams) -> Result<(Connection, Server)> {
     let mut conn = Connection::connect(params).await?;
     tracing::info!(host = %conn.host, port = conn.port, "connected for replication");
     let system = conn.identify_system().await?;
     let segment_size = conn.wal_segment_size().await?;
     let version = conn.server_version_num().await?;
-    if version < 150000 {
-        return Err(Fatal(anyhow!(
-            "PostgreSQL {}.{} is not supported: walvault needs PostgreSQL 15 or later (READ_REPLICATION_SLOT)",
-            version / 10000,
-            version % 10000 / 100
-        ))
-        .into());
-    }
-    let ours = Identity::new(system.system_identifier, version / 10000, segment_size);
-    // Another cluster's archive is final; a store that is down is retried like any outage.
-    identity::ensure(&**store, &ours).await.map_err(|e| {
-        if e.downcast_ref::<identity::Mismatch>().is_some() {
-            anyhow::Error::new(Fatal(e))
-        } else {
-            e.context("check the archive's identity")
-        }
-    })?;
-    metrics.system_identifier.set(system.system_identifier);
-    metrics.segment_size.set(segment_size);
+    check_supported(version)?;
+    Ok((conn, Server { system, segment_size, version }))
+}
 
+/// The slot, created if allowed and missing.
+async fn ensure_slot(conn: &mut Connection, cfg: &StreamConfig) -> Result<SlotInfo> {
     if cfg.create_slot && conn.create_physical_slot(&cfg.slot).await? {
         tracing::info!(slot = %cfg.slot, "created physical replication slot");
     }
-    let slot = conn.read_slot(&cfg.slot).await?.ok_or_else(|| {
+    conn.read_slot(&cfg.slot).await?.ok_or_else(|| {
         Fatal(anyhow!(
             "replication slot {:?} does not exist\nHINT: let the agent create it (drop --no-create-slot), or create it with \
              SELECT pg_create_physical_replication_slot('{}', true)",
             cfg.slot,
             cfg.slot
         ))
-    })?;
+        .into()
+    })
+}
 
-    let history = archive_histories(&mut conn, &**store, system.timeline).await?;
-    let server = Server { system, segment_size, history };
-    let restart = slot.restart_lsn.unwrap_or(server.system.xlogpos);
+/// Where a session resumes: the timeline and LSN to stream from, the archived frontier, and
+/// what the archive already holds of the first segment (to verify, and to build it whole).
+struct Resume {
+    timeline: TimelineId,
+    start: Lsn,
+    frontier: Lsn,
+    prefix: WalRange,
+}
 
-    let catalog = WalCatalog::load(&**store, segment_size).await?;
-    let redundant = catalog.redundant_chunks();
+/// List the archive, clean up chunks already consolidated, and find where to resume.
+async fn plan_resume(writer: &Writer, server: &Server, history: &TimelineHistory, slot: &SlotInfo) -> Result<Resume> {
+    let reader = Reader::new(writer.store().clone(), None);
+    let listing = reader.wal_listing(server.segment_size).await?;
+    let redundant = listing.catalog.redundant_chunks();
     if !redundant.is_empty() {
         tracing::info!("removing {} chunks already consolidated into segments", redundant.len());
-        store.delete(&redundant).await?;
+        writer.store().delete(&redundant).await?;
     }
-    let (mut tli, frontier) = choose_start(&catalog, &server, restart, slot.restart_timeline);
-    let (mut start, verify, inherited) = match load_prefix(&**store, &catalog, tli, frontier).await? {
-        Some((prefix, records)) => (frontier.segment_start(segment_size), prefix, records),
-        None => (frontier, Bytes::new(), Vec::new()),
+    let restart = slot.restart_lsn.unwrap_or(server.system.xlogpos);
+    let (timeline, frontier) = choose_start(&listing.catalog, server, history, restart, slot.restart_timeline);
+    let (start, prefix) = match load_prefix(&reader, &listing, timeline, frontier).await? {
+        Some(prefix) => (frontier.segment_start(server.segment_size), prefix),
+        None => (frontier, WalRange::default()),
     };
     tracing::info!(
         system_identifier = server.system.system_identifier,
         server_timeline = server.system.timeline.0,
         slot_restart_lsn = %restart,
         archived_up_to = %frontier,
-        "starting replication at {start} on timeline {tli}"
+        "starting replication at {start} on timeline {timeline}"
     );
+    Ok(Resume { timeline, start, frontier, prefix })
+}
 
+async fn session(
+    params: &ConnParams,
+    writer: &Writer,
+    cfg: &StreamConfig,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    ever_streamed: &mut bool,
+) -> Result<()> {
+    let (mut conn, server) = connect(params).await?;
+    let ours = Identity::new(server.system.system_identifier, server.version / 10000, server.segment_size);
+    identity::ensure(writer, &ours).await.context("check the archive's identity").map_err(archive_err)?;
+    metrics.system_identifier.set(server.system.system_identifier);
+    metrics.segment_size.set(server.segment_size);
+    let slot = ensure_slot(&mut conn, cfg).await?;
+    let history = archive_histories(&mut conn, writer, server.system.timeline).await?;
+    let resume = plan_resume(writer, &server, &history, &slot).await.map_err(archive_err)?;
+    stream(conn, &server, resume, writer, cfg, metrics, shutdown, ever_streamed).await
+}
+
+/// The stream itself: the uploader task, the receive loop, and the drain at its end.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    mut conn: Connection,
+    server: &Server,
+    resume: Resume,
+    writer: &Writer,
+    cfg: &StreamConfig,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    ever_streamed: &mut bool,
+) -> Result<()> {
+    let seg = server.segment_size;
     let upload_cfg = UploadConfig {
         concurrency: cfg.upload_concurrency.max(1),
         upload_timeout: cfg.upload_timeout,
         zstd_level: cfg.zstd_level,
-        segment_size,
+        segment_size: seg,
     };
+    let Resume { timeline, start, frontier, prefix } = resume;
+    // What an earlier session archived of this segment, as records and one compressed frame.
+    let prefix_frame =
+        (!prefix.bytes.is_empty()).then(|| (start, Frame::compress(timeline, frontier, &prefix.bytes, cfg.zstd_level)));
     let (watermark_tx, mut watermark_rx) = watch::channel(frontier);
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.queue_depth.max(1));
-    let uploader =
-        tokio::spawn(uploader::run(store.clone(), upload_cfg, job_rx, 0, watermark_tx, metrics.clone(), inherited));
+    let upload_cancel = CancellationToken::new();
+    let uploader = Uploader::new(
+        writer.clone(),
+        upload_cfg,
+        watermark_tx,
+        metrics.clone(),
+        upload_cancel.clone(),
+        (prefix.records, prefix_frame),
+    );
+    let uploader = tokio::spawn(uploader.run(job_rx));
     metrics.archived_lsn.set(metrics.archived_lsn.get().max(frontier.0));
-
-    let mut chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, verify, 0);
-    conn.start_replication(&cfg.slot, start, tli).await?;
+    let chunker = Chunker::new(timeline, start, seg, cfg.chunk_max_bytes, Bytes::from(prefix.bytes), 0);
+    conn.start_replication(&cfg.slot, start, timeline).await?;
     *ever_streamed = true;
     metrics.up.set(1);
-    metrics.timeline.set(tli.0 as u64);
+    metrics.set_state("");
+    metrics.timeline.set(timeline.0 as u64);
     metrics.set_received(frontier);
-
-    let mut status_tick = tokio::time::interval(cfg.status_interval);
-    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut jobs = Vec::new();
-    let result: Result<bool> = async {
-        loop {
-            let seal_at = chunker.chunk_opened().map(|t| tokio::time::Instant::from_std(t + cfg.chunk_interval));
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        return Ok(true);
-                    }
-                }
-                _ = async { tokio::time::sleep_until(seal_at.expect("guarded")).await }, if seal_at.is_some() => {
-                    chunker.seal(&mut jobs);
-                }
-                changed = watermark_rx.changed() => {
-                    if changed.is_err() {
-                        // The uploader stopped: it failed. Its error is reported below.
-                        return Ok(false);
-                    }
-                    let w = *watermark_rx.borrow_and_update();
-                    conn.send_status(chunker.position().max(w), w, w, false).await?;
-                }
-                _ = status_tick.tick() => {
-                    let w = *watermark_rx.borrow();
-                    conn.send_status(chunker.position().max(w), w, w, false).await?;
-                }
-                msg = conn.next_message() => match msg? {
-                    ReplicationMessage::XLogData { start, wal_end, data } => {
-                        chunker.push(start, &data, &mut jobs).map_err(|e| match e {
-                            e @ chunker::StreamError::Diverged { .. } => anyhow::Error::new(Fatal(e.into())),
-                            e => e.into(),
-                        })?;
-                        metrics.set_received(chunker.position().max(chunker.archived_from()));
-                        metrics.server_lsn.set(wal_end.0.max(chunker.position().0));
-                    }
-                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
-                        metrics.server_lsn.set(wal_end.0);
-                        if reply_requested {
-                            let w = *watermark_rx.borrow();
-                            conn.send_status(chunker.position().max(w), w, w, false).await?;
-                        }
-                    }
-                    ReplicationMessage::EndOfTimeline { next_timeline, next_start } => {
-                        chunker.seal(&mut jobs);
-                        for j in jobs.drain(..) {
-                            job_tx.send(j).await.map_err(|_| anyhow!("uploader stopped"))?;
-                        }
-                        tracing::info!("timeline {tli} ended at {next_start}; following timeline {next_timeline}");
-                        archive_history(&mut conn, &**store, next_timeline).await?;
-                        tli = next_timeline;
-                        start = next_start.segment_start(segment_size);
-                        chunker = Chunker::new(tli, start, segment_size, cfg.chunk_max_bytes, Bytes::new(), chunker.next_seq());
-                        conn.start_replication(&cfg.slot, start, tli).await?;
-                        metrics.timeline.set(tli.0 as u64);
-                    }
-                }
-            }
-            for j in jobs.drain(..) {
-                job_tx.send(j).await.map_err(|_| anyhow!("uploader stopped"))?;
-            }
-        }
-    }
-    .await;
-
+    let mut receive = Receive { conn, chunker, timeline, job_tx, jobs: Vec::new() };
+    let result = receive.run(writer, cfg, metrics, shutdown, &mut watermark_rx).await;
     // Whatever ended the stream: make what was received durable before going on.
     let shutting_down = matches!(result, Ok(true));
-    chunker.seal(&mut jobs);
-    for j in jobs.drain(..) {
-        let _ = job_tx.send(j).await;
+    receive.chunker.seal(&mut receive.jobs);
+    for j in receive.jobs.drain(..) {
+        let _ = receive.job_tx.send(j).await;
     }
-    drop(job_tx);
+    drop(receive.job_tx);
     if shutting_down {
-        tracing::info!("shutting down: archiving the WAL received so far");
+        tracing::info!("shutting down: archiving the WAL received so far (at most {:?})", cfg.shutdown_timeout);
     }
-    let upload_result = uploader.await.expect("uploader task");
+    let upload_result = drain(uploader, &upload_cancel, shutdown, cfg.shutdown_timeout).await;
     let w = *watermark_rx.borrow();
-    if shutting_down {
-        let _ = conn.send_status(chunker.position().max(w), w, w, false).await;
+    let received = receive.chunker.position().max(w);
+    if shutting_down && upload_result.is_ok() {
+        let _ = receive.conn.send_status(received, w, w, false).await;
         tracing::info!(archived_lsn = %w, "all received WAL is archived; last feedback sent");
-        conn.close().await;
+        receive.conn.close().await;
     }
-    upload_result?;
+    match upload_result {
+        Err(UploadStop::Cancelled) => bail!(
+            "stopped with WAL from {w} to {received} ({} bytes) received but not archived: the archive did not take it within the shutdown deadline\nHINT: it stays in the replication slot and is archived when the agent runs again",
+            received.0.saturating_sub(w.0)
+        ),
+        Err(e) => return Err(e.into()),
+        Ok(()) => {}
+    }
     match result {
         Ok(true) => Ok(()),
         Ok(false) => bail!("uploader stopped"),
@@ -320,25 +362,147 @@ async fn session(
     }
 }
 
+/// Wait for the uploader to finish; once `shutdown` is cancelled, for at most `deadline` more,
+/// then cancel it.
+async fn drain(
+    mut uploader: tokio::task::JoinHandle<Result<(), UploadStop>>,
+    cancel: &CancellationToken,
+    shutdown: &CancellationToken,
+    deadline: Duration,
+) -> Result<(), UploadStop> {
+    let joined = |r: Result<Result<(), UploadStop>, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| panic!("uploader task panicked: {e}"))
+    };
+    tokio::select! {
+        r = &mut uploader => return joined(r),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(deadline, &mut uploader).await {
+        Ok(r) => joined(r),
+        Err(_) => {
+            cancel.cancel();
+            joined(uploader.await)
+        }
+    }
+}
+
+/// The receive side of a stream: the connection, the chunker, and jobs on their way to the
+/// uploader.
+struct Receive {
+    conn: Connection,
+    chunker: Chunker,
+    timeline: TimelineId,
+    job_tx: mpsc::Sender<Job>,
+    jobs: Vec<Job>,
+}
+
+impl Receive {
+    /// Receive until shutdown (`Ok(true)`), the uploader stops (`Ok(false)`) or an error.
+    async fn run(
+        &mut self,
+        writer: &Writer,
+        cfg: &StreamConfig,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+        watermark_rx: &mut watch::Receiver<Lsn>,
+    ) -> Result<bool> {
+        let mut status_tick = tokio::time::interval(cfg.status_interval);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let seal_at = self.chunker.chunk_opened().map(|t| tokio::time::Instant::from_std(t + cfg.chunk_interval));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(true),
+                _ = async { tokio::time::sleep_until(seal_at.expect("guarded")).await }, if seal_at.is_some() => {
+                    self.chunker.seal(&mut self.jobs);
+                }
+                changed = watermark_rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(false); // the uploader stopped: its error is reported by the caller
+                    }
+                    let w = *watermark_rx.borrow_and_update();
+                    self.feedback(w).await?;
+                }
+                _ = status_tick.tick() => {
+                    let w = *watermark_rx.borrow();
+                    self.feedback(w).await?;
+                }
+                msg = self.conn.next_message() => self.on_message(msg?, writer, cfg, metrics, watermark_rx).await?,
+            }
+            for j in self.jobs.drain(..) {
+                self.job_tx.send(j).await.map_err(|_| anyhow!("uploader stopped"))?;
+            }
+        }
+    }
+
+    /// Report `w` as flushed and applied; what was received as written.
+    async fn feedback(&mut self, w: Lsn) -> Result<()> {
+        self.conn.send_status(self.chunker.position().max(w), w, w, false).await
+    }
+
+    async fn on_message(
+        &mut self,
+        msg: ReplicationMessage,
+        writer: &Writer,
+        cfg: &StreamConfig,
+        metrics: &Metrics,
+        watermark_rx: &watch::Receiver<Lsn>,
+    ) -> Result<()> {
+        match msg {
+            ReplicationMessage::XLogData { start, wal_end, data } => {
+                self.chunker.push(start, &data, &mut self.jobs).map_err(|e| match e {
+                    e @ chunker::StreamError::Diverged { .. } => anyhow::Error::new(Fatal(e.into())),
+                    e => e.into(),
+                })?;
+                metrics.set_received(self.chunker.position().max(self.chunker.archived_from()));
+                metrics.server_lsn.set(wal_end.0.max(self.chunker.position().0));
+            }
+            ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                metrics.server_lsn.set(wal_end.0);
+                if reply_requested {
+                    let w = *watermark_rx.borrow();
+                    self.feedback(w).await?;
+                }
+            }
+            ReplicationMessage::EndOfTimeline { next_timeline, next_start } => {
+                self.chunker.seal(&mut self.jobs);
+                for j in self.jobs.drain(..) {
+                    self.job_tx.send(j).await.map_err(|_| anyhow!("uploader stopped"))?;
+                }
+                tracing::info!("timeline {} ended at {next_start}; following timeline {next_timeline}", self.timeline);
+                archive_history(&mut self.conn, writer, next_timeline).await?;
+                self.timeline = next_timeline;
+                let seg = self.chunker.segment_size();
+                let start = next_start.segment_start(seg);
+                self.chunker =
+                    Chunker::new(next_timeline, start, seg, cfg.chunk_max_bytes, Bytes::new(), self.chunker.next_seq());
+                self.conn.start_replication(&cfg.slot, start, next_timeline).await?;
+                metrics.timeline.set(next_timeline.0 as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where to start streaming: `(timeline, lsn)`. See the module doc, step 4.
 fn choose_start(
     catalog: &WalCatalog,
     server: &Server,
+    history: &TimelineHistory,
     restart: Lsn,
     restart_tli: Option<TimelineId>,
 ) -> (TimelineId, Lsn) {
     let seg = server.segment_size;
-    let mut tli = restart_tli.unwrap_or_else(|| server.history.timeline_of(restart, server.system.timeline));
+    let mut tli = restart_tli.unwrap_or_else(|| history.timeline_of(restart, server.system.timeline));
     let mut from = restart.segment_start(seg);
     loop {
         let pos = catalog.contiguous_end(tli, from);
         // Where does `tli` end, by the server's history?
-        let end = server.history.entries.iter().find(|e| e.parent == tli).map(|e| e.switchpoint);
+        let end = history.entries.iter().find(|e| e.parent == tli).map(|e| e.switchpoint);
         match end {
             Some(switch) if pos >= switch => {
                 // Everything of this timeline is archived; continue on the next one.
-                let next = server
-                    .history
+                let next = history
                     .entries
                     .iter()
                     .skip_while(|e| e.parent != tli)
@@ -356,75 +520,38 @@ fn choose_start(
 /// Bytes of `start`'s segment before `start`, read back from the archive, with the records of
 /// the chunks they came from (so the segment's metadata keeps their commit statistics and
 /// durable times). `None` if they cannot be had.
-async fn load_prefix(
-    store: &dyn ObjectStore,
-    catalog: &WalCatalog,
-    tli: TimelineId,
-    start: Lsn,
-) -> Result<Option<(Bytes, Vec<ChunkRecord>)>> {
-    let seg_start = start.segment_start(catalog.segment_size);
+async fn load_prefix(reader: &Reader, listing: &WalListing, tli: TimelineId, start: Lsn) -> Result<Option<WalRange>> {
+    let seg_start = start.segment_start(listing.catalog.segment_size);
     if seg_start == start {
-        return Ok(Some((Bytes::new(), Vec::new())));
+        return Ok(Some(WalRange::default()));
     }
-    let Ok(pieces) = catalog.pieces_for(tli, seg_start, start) else { return Ok(None) };
-    let mut out = bytes::BytesMut::new();
-    let mut records = Vec::new();
-    let mut pos = seg_start;
-    for p in pieces {
-        let raw = store.get(&p.key).await?;
-        let d = envelope::decode(&p.key, &raw)?;
-        if let Ok(m) = d.metadata_as::<walvault_shared::archive::walcat::WalObjectMeta>(&p.key) {
-            let durable = store
-                .head(&p.key)
-                .await
-                .ok()
-                .and_then(|h| h.last_modified)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .unwrap_or_else(|| m.sealed_at.clone());
-            records.push(ChunkRecord {
-                timeline: tli,
-                start_lsn: p.start,
-                end_lsn: p.end,
-                sealed_at: m.sealed_at,
-                durable_at: durable,
-                commits: m.commits,
-            });
-        }
-        let from = (pos.0 - p.start.0) as usize;
-        let to = (p.end.min(start).0 - p.start.0) as usize;
-        if d.content.len() < to {
-            bail!("object {} is shorter than its name says", p.key);
-        }
-        out.extend_from_slice(&d.content[from..to]);
-        pos = p.end.min(start);
+    if listing.catalog.pieces_for(tli, seg_start, start).is_err() {
+        return Ok(None);
     }
-    Ok(Some((out.freeze(), records)))
+    Ok(Some(reader.read_wal(listing, tli, seg_start, start).await?))
 }
 
 /// Archive the history files of `tli` and its ancestors; returns `tli`'s history.
-async fn archive_histories(conn: &mut Connection, store: &dyn ObjectStore, tli: TimelineId) -> Result<TimelineHistory> {
+async fn archive_histories(conn: &mut Connection, writer: &Writer, tli: TimelineId) -> Result<TimelineHistory> {
     if tli.0 <= 1 {
         return Ok(TimelineHistory::default());
     }
-    let history = archive_history(conn, store, tli).await?;
+    let history = archive_history(conn, writer, tli).await?;
     for e in &history.entries {
         if e.parent.0 > 1 {
-            archive_history(conn, store, e.parent).await?;
+            archive_history(conn, writer, e.parent).await?;
         }
     }
     Ok(history)
 }
 
-async fn archive_history(conn: &mut Connection, store: &dyn ObjectStore, tli: TimelineId) -> Result<TimelineHistory> {
+async fn archive_history(conn: &mut Connection, writer: &Writer, tli: TimelineId) -> Result<TimelineHistory> {
     let (name, content) = conn.timeline_history(tli).await?;
     let text = std::str::from_utf8(&content).with_context(|| format!("history file {name} is not UTF-8"))?;
     let history = TimelineHistory::parse(text).with_context(|| format!("parse {name}"))?;
     let key = names::history(tli);
     let meta = serde_json::json!({ "timeline": tli, "file_name": name });
-    let object = envelope::encode(ObjectKind::History, &meta, &content, Compression::None, 0);
-    put_once(store, &key, object.into(), &content).await.map_err(|e| match e {
-        e @ walvault_shared::archive::PutOnceError::SplitBrain { .. } => anyhow::Error::new(Fatal(e.into())),
-        e => e.into(),
-    })?;
+    let object = writer.encode(&key, ObjectKind::History, &meta, &content, Compression::None, 0);
+    writer.put_once(&key, object, &content).await.map_err(|e| archive_err(e.into()))?;
     Ok(history)
 }

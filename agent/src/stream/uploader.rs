@@ -1,38 +1,46 @@
-//! The uploader: compress, checksum and write WAL objects, and publish the archived watermark.
+//! The uploader: compress, seal and write WAL objects, and publish the archived watermark.
 //!
 //! * Chunks go up with at most `concurrency` in flight. Each is written once
-//!   ([`walvault_shared::archive::put_once`]): identical content already there is success (a
-//!   retry after a timeout, or a restart), different content is split brain and stops the agent.
-//! * Every other failure (store down, throttled, hanging past `upload_timeout`, even a full
-//!   disk) is retried with backoff forever: the replication slot holds the WAL meanwhile, and
-//!   the metrics and logs say how much is waiting.
+//!   ([`Writer::put_once`]): identical content already there is success (a retry after a
+//!   timeout, or a restart), different content is split brain and stops the agent.
+//! * Every other failure (store down, throttled, hanging past `upload_timeout`, a full disk) is
+//!   retried with backoff until it succeeds or the uploader is cancelled (shutdown past its
+//!   deadline): the replication slot holds the WAL meanwhile, and the metrics and logs say how
+//!   much is waiting.
 //! * The archived watermark advances only over the contiguous run of durable chunks (by stream
 //!   sequence number), never past a chunk still in flight. It is what the agent reports to
 //!   PostgreSQL as flushed.
-//! * A whole segment is written once all of its chunks are durable; then its chunks are
-//!   deleted. The per-chunk durable times go into the segment's metadata.
+//! * A whole segment is written once all of its chunks are durable, from their compressed
+//!   frames (zstd decodes concatenated frames as one stream, so nothing is compressed twice);
+//!   then its chunks are deleted. The per-chunk durable times go into the segment's metadata,
+//!   and every [`INDEX_INTERVAL`] into a commit index batch.
+//!
+//! Memory: the chunks in flight (`concurrency × chunk_max_bytes` raw, then their compressed
+//! frames) and the compressed frames of the segment being filled.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
+use tokio_util::sync::CancellationToken;
+use walvault_shared::archive::envelope::{Compression, ObjectKind};
+use walvault_shared::archive::names;
 use walvault_shared::archive::walcat::{ChunkRecord, WalObjectMeta};
-use walvault_shared::archive::{names, put_once, PutOnceError, PutOutcome};
-use walvault_shared::lsn::Lsn;
-use walvault_shared::storage::retry::RetryPolicy;
-use walvault_shared::storage::{ObjectStore, StorageError};
+use walvault_shared::archive::write::{PutOnceError, PutOutcome, Writer};
+use walvault_shared::lsn::{Lsn, TimelineId};
+use walvault_shared::storage::retry::{RetryError, RetryPolicy};
+use walvault_shared::storage::StorageError;
+use walvault_shared::wal::SegmentName;
 
 use super::chunker::Job;
 use crate::metrics::Metrics;
 
 /// How often consolidated chunk records are written to the commit index.
-const INDEX_INTERVAL: Duration = Duration::from_secs(300);
+pub const INDEX_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug)]
 pub struct UploadConfig {
@@ -42,38 +50,50 @@ pub struct UploadConfig {
     pub segment_size: u64,
 }
 
-/// A failure that must stop the agent.
+/// Why the uploader stopped before everything was durable.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct FatalUpload(#[from] pub PutOnceError);
+pub enum UploadStop {
+    /// Split brain: must stop the agent.
+    #[error(transparent)]
+    Fatal(#[from] PutOnceError),
+    /// Cancelled (shutdown deadline) with WAL not yet durable.
+    #[error("cancelled with WAL not yet archived")]
+    Cancelled,
+}
+
+/// A chunk's compressed payload (one zstd frame) and its plain checksum.
+#[derive(Clone)]
+pub struct Frame {
+    pub timeline: TimelineId,
+    pub end: Lsn,
+    pub payload: Bytes,
+    pub plain_crc: u32,
+    pub plain_len: u64,
+}
+
+impl Frame {
+    /// Compress `data` (which starts at some LSN and ends at `end`) into one frame.
+    pub fn compress(timeline: TimelineId, end: Lsn, data: &[u8], level: i32) -> Frame {
+        Frame {
+            timeline,
+            end,
+            payload: zstd::bulk::compress(data, level).expect("zstd compress into memory").into(),
+            plain_crc: crc32fast::hash(data),
+            plain_len: data.len() as u64,
+        }
+    }
+}
 
 enum Done {
     Chunk { seq: u64, end: Lsn, record: ChunkRecord, frame: Frame },
     Segment,
 }
 
-/// A durable chunk's compressed payload (one zstd frame) and its plain checksum: a whole segment
-/// is the concatenation of its chunks' frames (zstd decodes concatenated frames as one stream),
-/// so consolidation does not compress the segment a second time.
-struct Frame {
-    timeline: walvault_shared::lsn::TimelineId,
-    end: Lsn,
-    payload: Bytes,
-    plain_crc: u32,
-    plain_len: u64,
-}
-
-/// The segment `[start, end)` of `tli` as an envelope built from durable chunk frames, if they
-/// cover it exactly and contiguously.
-fn segment_from_frames(
-    frames: &BTreeMap<Lsn, Frame>,
-    tli: walvault_shared::lsn::TimelineId,
-    start: Lsn,
-    end: Lsn,
-    meta: &WalObjectMeta,
-) -> Option<Bytes> {
+/// The frames of `[start, end)` of `tli`, if they cover it exactly and contiguously: the
+/// concatenated payload, the plain length and the combined plain crc32.
+fn join_frames(frames: &BTreeMap<Lsn, Frame>, tli: TimelineId, start: Lsn, end: Lsn) -> Option<(Vec<u8>, u64, u32)> {
     let mut pos = start;
-    let mut payload = bytes::BytesMut::new();
+    let mut payload = Vec::new();
     let mut crc = crc32fast::Hasher::new();
     let mut len = 0u64;
     while pos < end {
@@ -83,287 +103,433 @@ fn segment_from_frames(
         len += f.plain_len;
         pos = f.end;
     }
-    let meta = serde_json::to_vec(meta).ok()?;
-    Some(envelope::encode_raw(ObjectKind::WalSegment, &meta, len, crc.finalize(), Compression::Zstd, &payload).into())
+    Some((payload, len, crc.finalize()))
 }
 
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-/// Run until `jobs` is closed and everything received is durable (or a fatal error).
-pub async fn run(
-    store: Arc<dyn ObjectStore>,
+/// The uploader's state; [`Uploader::run`] drives it.
+pub struct Uploader {
+    writer: Writer,
     cfg: UploadConfig,
-    mut jobs: mpsc::Receiver<Job>,
-    first_seq: u64,
-    watermark: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
-    // Records of chunks archived by an earlier session in the segment being resumed.
-    mut inherited: Vec<ChunkRecord>,
-) -> Result<(), FatalUpload> {
-    let mut in_flight = FuturesUnordered::new();
-    let mut next_seq = first_seq;
-    let mut done: BTreeMap<u64, Lsn> = BTreeMap::new();
-    let mut records: HashMap<u64, ChunkRecord> = HashMap::new();
-    let mut frames: BTreeMap<Lsn, Frame> = BTreeMap::new();
-    let mut segments: VecDeque<Job> = VecDeque::new();
-    let mut open = true;
-    // Commit index: records of consolidated segments, written as a batch every few minutes.
-    let mut index_batch: Vec<ChunkRecord> = Vec::new();
-    let mut index_since = std::time::Instant::now();
-    let mut index_day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    loop {
-        let draining = !open && in_flight.is_empty() && segments.is_empty();
-        if !index_batch.is_empty() && (index_batch.len() >= 4096 || index_since.elapsed() >= INDEX_INTERVAL || draining)
-        {
-            let batch = std::mem::take(&mut index_batch);
-            index_since = std::time::Instant::now();
-            let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-            let roll = today != index_day;
-            index_day = today.clone();
-            let store = store.clone();
-            // Best effort and off the critical path: the audit falls back to segment metadata.
-            // The last batch (the stream is ending) is awaited so that it is not lost at exit.
-            let write = tokio::spawn(async move {
-                let policy = RetryPolicy { max_attempts: Some(5), ..Default::default() };
-                if let Err(e) = policy
-                    .run("write commit index batch", || async {
-                        walvault_shared::archive::index::write_batch(&*store, &batch)
-                            .await
-                            .map_err(|e| StorageError::transient("put", "index", e))
-                    })
-                    .await
-                {
-                    tracing::warn!("could not write a commit index batch: {e}");
+    watermark: watch::Sender<Lsn>,
+    cancel: CancellationToken,
+    in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<Done, UploadStop>>>,
+    /// Sequence number of the next chunk the watermark waits for.
+    next_seq: u64,
+    /// Durable chunks beyond `next_seq`: seq -> end.
+    durable: BTreeMap<u64, Lsn>,
+    /// Records of durable chunks not yet in a whole segment (this session's, and those an
+    /// earlier session archived in the segment being resumed).
+    records: Vec<ChunkRecord>,
+    frames: BTreeMap<Lsn, Frame>,
+    segments: VecDeque<(u64, SegmentName)>,
+    index: IndexBatcher,
+}
+
+impl Uploader {
+    /// `resumed`: the records and the compressed frame of the segment's prefix that an earlier
+    /// session archived (so that the segment can still be written whole).
+    pub fn new(
+        writer: Writer,
+        cfg: UploadConfig,
+        watermark: watch::Sender<Lsn>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+        resumed: (Vec<ChunkRecord>, Option<(Lsn, Frame)>),
+    ) -> Self {
+        let (records, prefix) = resumed;
+        let index = IndexBatcher::new(writer.clone());
+        Uploader {
+            writer,
+            cfg,
+            metrics,
+            watermark,
+            cancel,
+            in_flight: FuturesUnordered::new(),
+            next_seq: 0,
+            durable: BTreeMap::new(),
+            records,
+            frames: prefix.into_iter().collect(),
+            segments: VecDeque::new(),
+            index,
+        }
+    }
+
+    /// Run until `jobs` is closed and everything received is durable, or a fatal error, or
+    /// cancellation.
+    pub async fn run(mut self, mut jobs: mpsc::Receiver<Job>) -> Result<(), UploadStop> {
+        let mut open = true;
+        loop {
+            self.start_ready_segments();
+            let idle = self.in_flight.is_empty() && self.segments.is_empty();
+            self.index.maybe_flush(!open && idle).await;
+            if !open && idle {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Err(UploadStop::Cancelled),
+                Some(res) = self.in_flight.next() => {
+                    let done = res.unwrap_or_else(|e| panic!("upload task panicked: {e}"))?;
+                    self.on_done(done);
                 }
-                if roll {
-                    if let Err(e) = walvault_shared::archive::index::rollup(&*store, &today).await {
-                        tracing::warn!("could not roll up the commit index: {e:#}");
-                    }
-                }
-            });
-            if draining {
-                let _ = write.await;
+                job = jobs.recv(), if open && self.in_flight.len() < self.cfg.concurrency => match job {
+                    None => open = false,
+                    Some(Job::Segment { after_seq, segment }) => self.segments.push_back((after_seq, segment)),
+                    Some(chunk) => self.start_chunk(chunk),
+                },
             }
         }
-        // Start whole-segment uploads whose chunks are all durable.
-        while segments.front().is_some_and(|j| matches!(j, Job::Segment { after_seq, .. } if *after_seq < next_seq)) {
-            let Some(Job::Segment { segment, data, .. }) = segments.pop_front() else { unreachable!() };
-            let start = segment.start_lsn(cfg.segment_size);
-            let end = Lsn(start.0 + cfg.segment_size);
-            let mut chunks: Vec<ChunkRecord> =
-                records.values().filter(|r| r.start_lsn >= start && r.end_lsn <= end).cloned().collect();
-            chunks.extend(
-                inherited
-                    .iter()
-                    .filter(|r| r.timeline == segment.timeline && r.start_lsn >= start && r.end_lsn <= end)
-                    .cloned(),
-            );
-            inherited.retain(|r| !(r.timeline == segment.timeline && r.start_lsn >= start && r.end_lsn <= end));
-            chunks.sort_by_key(|r| r.start_lsn);
-            records.retain(|_, r| r.start_lsn >= end);
-            let key = names::segment(&segment, cfg.segment_size);
-            let meta = WalObjectMeta {
-                timeline: segment.timeline,
+    }
+
+    fn start_chunk(&mut self, job: Job) {
+        let Job::Chunk { seq, segment, start, end, data, sealed_at, commits } = job else { return };
+        let key = names::chunk(&segment, self.cfg.segment_size, start, end);
+        let meta = WalObjectMeta {
+            timeline: segment.timeline,
+            start_lsn: start,
+            end_lsn: end,
+            segment_size: self.cfg.segment_size,
+            sealed_at,
+            chunks: Vec::new(),
+            commits: Some(commits),
+        };
+        let (writer, cfg, metrics, cancel) =
+            (self.writer.clone(), self.cfg.clone(), self.metrics.clone(), self.cancel.child_token());
+        self.in_flight.push(tokio::spawn(async move {
+            let len = data.len() as u64;
+            let (frame, object) = seal_chunk(&writer, &key, &meta, data.clone(), cfg.zstd_level).await;
+            upload(&writer, &cfg, &metrics, &cancel, &key, object, &data).await?;
+            metrics.chunks_archived.inc();
+            metrics.wal_bytes_archived.add(len);
+            let record = ChunkRecord {
+                timeline: meta.timeline,
                 start_lsn: start,
                 end_lsn: end,
-                segment_size: cfg.segment_size,
-                sealed_at: rfc3339(chrono::Utc::now()),
+                sealed_at: meta.sealed_at,
+                durable_at: walvault_shared::time::now(),
+                commits: meta.commits,
+            };
+            Ok(Done::Chunk { seq, end, record, frame })
+        }));
+    }
+
+    /// Start whole-segment uploads whose chunks are all durable.
+    fn start_ready_segments(&mut self) {
+        while self.segments.front().is_some_and(|(after, _)| *after < self.next_seq) {
+            let (_, segment) = self.segments.pop_front().expect("checked");
+            let start = segment.start_lsn(self.cfg.segment_size);
+            let end = Lsn(start.0 + self.cfg.segment_size);
+            let tli = segment.timeline;
+            let in_segment = |r: &ChunkRecord| r.timeline == tli && r.start_lsn >= start && r.end_lsn <= end;
+            let mut chunks: Vec<ChunkRecord> = self.records.iter().filter(|r| in_segment(r)).cloned().collect();
+            self.records.retain(|r| !in_segment(r));
+            chunks.sort_by_key(|r| r.start_lsn);
+            let joined = join_frames(&self.frames, tli, start, end);
+            self.frames.retain(|s, f| f.timeline != tli || *s >= end);
+            let Some((payload, plain_len, plain_crc)) = joined else {
+                // Cannot happen while the chunker emits segments only when it saw them whole;
+                // the chunks stay and serve restores.
+                tracing::warn!(segment = %segment.file_name(self.cfg.segment_size), "segment frames incomplete: left as chunks");
+                continue;
+            };
+            self.index.add(&chunks);
+            let key = names::segment(&segment, self.cfg.segment_size);
+            let meta = WalObjectMeta {
+                timeline: tli,
+                start_lsn: start,
+                end_lsn: end,
+                segment_size: self.cfg.segment_size,
+                sealed_at: walvault_shared::time::now(),
                 chunks,
                 commits: None,
             };
-            index_batch.extend(meta.chunks.iter().cloned());
-            let prebuilt = segment_from_frames(&frames, segment.timeline, start, end, &meta);
-            // Frames up to this segment's end are no longer needed.
-            frames.retain(|s, f| f.timeline != segment.timeline || *s >= end);
-            let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
-            in_flight.push(tokio::spawn(async move {
-                let object = match prebuilt {
-                    Some(o) => o,
-                    None => encode(ObjectKind::WalSegment, &meta, &data, cfg.zstd_level).await,
-                };
-                upload(&*store, &cfg, &metrics, &key, object, data).await?;
+            let (writer, cfg, metrics, cancel) =
+                (self.writer.clone(), self.cfg.clone(), self.metrics.clone(), self.cancel.child_token());
+            self.in_flight.push(tokio::spawn(async move {
+                let meta_json = serde_json::to_vec(&meta).expect("metadata serialises");
+                let object = writer.encode_raw(
+                    &key,
+                    ObjectKind::WalSegment,
+                    &meta_json,
+                    plain_len,
+                    plain_crc,
+                    Compression::Zstd,
+                    &payload,
+                );
+                upload_segment(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
                 metrics.segments_archived.inc();
-                // The segment now holds these bytes: its chunks can go.
-                let prefix = format!("{key}.");
-                let delete = RetryPolicy { max_attempts: Some(5), ..Default::default() };
-                let chunk_keys = delete.run(&format!("list chunks of {key}"), || store.list_all(&prefix)).await;
-                match chunk_keys {
-                    Ok(list) => {
-                        let keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
-                        if let Err(e) = delete.run(&format!("delete chunks of {key}"), || store.delete(&keys)).await {
-                            tracing::warn!("could not delete chunks consolidated into {key}: {e} (they are removed at the next start)");
-                        }
-                    }
-                    Err(e) => tracing::warn!("could not list chunks of {key}: {e}"),
-                }
-                Ok::<Done, FatalUpload>(Done::Segment)
+                delete_chunks_of(&writer, &key).await;
+                Ok::<Done, UploadStop>(Done::Segment)
             }));
         }
-        if !open && in_flight.is_empty() && segments.is_empty() {
-            return Ok(());
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let Done::Chunk { seq, end, record, frame } = done else { return };
+        self.frames.insert(record.start_lsn, frame);
+        self.records.push(record);
+        self.durable.insert(seq, end);
+        let mut advanced = None;
+        while let Some(end) = self.durable.remove(&self.next_seq) {
+            self.next_seq += 1;
+            advanced = Some(end);
         }
-        tokio::select! {
-            job = jobs.recv(), if open && in_flight.len() < cfg.concurrency => match job {
-                None => open = false,
-                Some(Job::Chunk { seq, segment, start, end, data, sealed_at, commits }) => {
-                    let key = names::chunk(&segment, cfg.segment_size, start, end);
-                    let meta = WalObjectMeta {
-                        timeline: segment.timeline,
-                        start_lsn: start,
-                        end_lsn: end,
-                        segment_size: cfg.segment_size,
-                        sealed_at: rfc3339(sealed_at),
-                        chunks: Vec::new(),
-                        commits: Some(commits),
-                    };
-                    let (store, cfg, metrics) = (store.clone(), cfg.clone(), metrics.clone());
-                    in_flight.push(tokio::spawn(async move {
-                        let len = data.len() as u64;
-                        let object = encode(ObjectKind::WalChunk, &meta, &data, cfg.zstd_level).await;
-                        let (header, _) = envelope::decode_header(&key, &object).expect("our own envelope");
-                        let frame = Frame {
-                            timeline: meta.timeline,
-                            end,
-                            payload: object.slice(header.payload_offset()..),
-                            plain_crc: header.plain_crc,
-                            plain_len: header.plain_len,
-                        };
-                        upload(&*store, &cfg, &metrics, &key, object, data).await?;
-                        metrics.chunks_archived.inc();
-                        metrics.wal_bytes_archived.add(len);
-                        let record = ChunkRecord {
-                            timeline: meta.timeline,
-                            commits: meta.commits.clone(),
-                            start_lsn: start,
-                            end_lsn: end,
-                            sealed_at: meta.sealed_at.clone(),
-                            durable_at: rfc3339(chrono::Utc::now()),
-                        };
-                        Ok(Done::Chunk { seq, end, record, frame })
-                    }));
+        if let Some(end) = advanced {
+            self.watermark.send_if_modified(|w| {
+                let moved = end > *w;
+                if moved {
+                    *w = end;
                 }
-                Some(seg @ Job::Segment { .. }) => segments.push_back(seg),
-            },
-            Some(res) = in_flight.next() => {
-                let res = res.unwrap_or_else(|e| panic!("upload task panicked: {e}"));
-                match res? {
-                    Done::Chunk { seq, end, record, frame } => {
-                        frames.insert(record.start_lsn, frame);
-                        done.insert(seq, end);
-                        records.insert(seq, record);
-                        let mut advanced = None;
-                        while let Some(end) = done.remove(&next_seq) {
-                            next_seq += 1;
-                            advanced = Some(end);
-                        }
-                        if let Some(end) = advanced {
-                            watermark.send_if_modified(|w| {
-                                if end > *w {
-                                    *w = end;
-                                    true
-                                } else {
-                                    false
-                                }
-                            });
-                            metrics.archived_lsn.set(watermark.borrow().0);
-                            metrics.mark_archived_now();
-                        }
-                    }
-                    Done::Segment => {}
-                }
-            }
+                moved
+            });
+            self.metrics.archived_lsn.set(self.watermark.borrow().0);
+            self.metrics.mark_archived_now();
         }
     }
 }
 
-/// Compress and wrap WAL bytes in the envelope, off the async threads.
-async fn encode(kind: ObjectKind, meta: &WalObjectMeta, data: &Bytes, level: i32) -> Bytes {
-    let (meta, content) = (meta.clone(), data.clone());
-    tokio::task::spawn_blocking(move || envelope::encode(kind, &meta, &content, Compression::Zstd, level))
-        .await
-        .expect("encode task")
-        .into()
+/// Compress a chunk and seal it, off the async thread: its frame (kept for the segment) and the
+/// object to upload.
+async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, data: Bytes, level: i32) -> (Frame, Bytes) {
+    let (writer, key, meta) = (writer.clone(), key.to_string(), meta.clone());
+    tokio::task::spawn_blocking(move || {
+        let frame = Frame::compress(meta.timeline, meta.end_lsn, &data, level);
+        let meta_json = serde_json::to_vec(&meta).expect("metadata serialises");
+        let object = writer.encode_raw(
+            &key,
+            ObjectKind::WalChunk,
+            &meta_json,
+            frame.plain_len,
+            frame.plain_crc,
+            Compression::Zstd,
+            &frame.payload,
+        );
+        (frame, object)
+    })
+    .await
+    .expect("seal task")
 }
 
-/// Write one encoded object (plain content `data`), retrying everything but split brain.
+/// The segment's chunks are now redundant: delete them (best effort; leftovers are removed at
+/// the next start).
+async fn delete_chunks_of(writer: &Writer, segment_key: &str) {
+    let store = writer.store();
+    let prefix = format!("{segment_key}.");
+    let policy = RetryPolicy::attempts(5);
+    match policy.run(&format!("list chunks of {segment_key}"), || store.list_all(&prefix)).await {
+        Ok(list) => {
+            let keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
+            if let Err(e) = policy.run(&format!("delete chunks of {segment_key}"), || store.delete(&keys)).await {
+                tracing::warn!(
+                    "could not delete chunks consolidated into {segment_key}: {e} (they are removed at the next start)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("could not list chunks of {segment_key}: {e}"),
+    }
+}
+
+/// Why one upload attempt failed.
+enum Attempt {
+    SplitBrain(PutOnceError),
+    Retry(String),
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::SplitBrain(e) => write!(f, "{e}"),
+            Attempt::Retry(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Write one sealed object (plain content `data`) once, retrying everything but split brain
+/// until it succeeds or `cancel` fires.
 async fn upload(
-    store: &dyn ObjectStore,
+    writer: &Writer,
     cfg: &UploadConfig,
     metrics: &Metrics,
+    cancel: &CancellationToken,
     key: &str,
     object: Bytes,
-    data: Bytes,
-) -> Result<(), FatalUpload> {
-    let policy = RetryPolicy { initial: Duration::from_millis(200), max: Duration::from_secs(10), max_attempts: None };
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        let r = tokio::time::timeout(cfg.upload_timeout, put_once(store, key, object.clone(), &data)).await;
-        let err = match r {
-            Ok(Ok(outcome)) => {
-                if outcome == PutOutcome::AlreadyThere {
-                    tracing::info!("{key} was already archived with the same content");
+    data: &[u8],
+) -> Result<(), UploadStop> {
+    let attempt = |_| {
+        let object = object.clone();
+        async move {
+            let r = tokio::time::timeout(cfg.upload_timeout, writer.put_once(key, object, data)).await;
+            match r {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(e @ PutOnceError::SplitBrain { .. })) => Err(Attempt::SplitBrain(e)),
+                Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
+                Err(_) => Err(Attempt::Retry(StorageError::Timeout { op: "put", key: key.to_string() }.to_string())),
+            }
+        }
+    };
+    let retryable = |e: &Attempt| {
+        if let Attempt::Retry(msg) = e {
+            metrics.upload_retries.inc();
+            metrics.set_error(format!("upload {key}: {msg}"));
+        }
+        matches!(e, Attempt::Retry(_))
+    };
+    match RetryPolicy::forever().retry(&format!("upload {key}"), cancel, retryable, attempt).await {
+        Ok(outcome) => {
+            if outcome == PutOutcome::AlreadyThere {
+                tracing::info!("{key} was already archived with the same content");
+            }
+            metrics.bytes_uploaded.add(object.len() as u64);
+            Ok(())
+        }
+        Err(RetryError::Failed(Attempt::SplitBrain(e))) => {
+            metrics.upload_errors.inc();
+            Err(UploadStop::Fatal(e))
+        }
+        Err(_) => Err(UploadStop::Cancelled),
+    }
+}
+
+/// A whole segment's object: the same write-once rule, but its plain content is known by
+/// length and crc only (it was never held decompressed), so an existing object is compared by
+/// those. Different content is split brain.
+#[allow(clippy::too_many_arguments)]
+async fn upload_segment(
+    writer: &Writer,
+    cfg: &UploadConfig,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    key: &str,
+    object: Bytes,
+    plain_len: u64,
+    plain_crc: u32,
+) -> Result<(), UploadStop> {
+    let attempt = |_| {
+        let object = object.clone();
+        async move {
+            let r = tokio::time::timeout(
+                cfg.upload_timeout,
+                writer.put_once_by_checksum(key, object, plain_len, plain_crc),
+            )
+            .await;
+            match r {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(e @ PutOnceError::SplitBrain { .. })) => Err(Attempt::SplitBrain(e)),
+                Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
+                Err(_) => Err(Attempt::Retry(StorageError::Timeout { op: "put", key: key.to_string() }.to_string())),
+            }
+        }
+    };
+    let retryable = |e: &Attempt| {
+        if let Attempt::Retry(msg) = e {
+            metrics.upload_retries.inc();
+            metrics.set_error(format!("upload {key}: {msg}"));
+        }
+        matches!(e, Attempt::Retry(_))
+    };
+    match RetryPolicy::forever().retry(&format!("upload {key}"), cancel, retryable, attempt).await {
+        Ok(_) => {
+            metrics.bytes_uploaded.add(object.len() as u64);
+            Ok(())
+        }
+        Err(RetryError::Failed(Attempt::SplitBrain(e))) => {
+            metrics.upload_errors.inc();
+            Err(UploadStop::Fatal(e))
+        }
+        Err(_) => Err(UploadStop::Cancelled),
+    }
+}
+
+/// Records of consolidated segments, written as a commit index batch every [`INDEX_INTERVAL`]
+/// (or 4096 records), best effort and off the critical path (the audit falls back to segment
+/// metadata). Writes in progress are owned here and awaited when the stream drains.
+struct IndexBatcher {
+    writer: Writer,
+    batch: Vec<ChunkRecord>,
+    since: std::time::Instant,
+    day: String,
+    writes: tokio::task::JoinSet<()>,
+}
+
+impl IndexBatcher {
+    fn new(writer: Writer) -> Self {
+        IndexBatcher {
+            writer,
+            batch: Vec::new(),
+            since: std::time::Instant::now(),
+            day: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+            writes: tokio::task::JoinSet::new(),
+        }
+    }
+
+    fn add(&mut self, records: &[ChunkRecord]) {
+        self.batch.extend(records.iter().cloned());
+    }
+
+    async fn maybe_flush(&mut self, draining: bool) {
+        while self.writes.try_join_next().is_some() {}
+        let due = self.batch.len() >= 4096 || self.since.elapsed() >= INDEX_INTERVAL || draining;
+        if !self.batch.is_empty() && due {
+            let batch = std::mem::take(&mut self.batch);
+            self.since = std::time::Instant::now();
+            let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+            let roll = today != self.day;
+            self.day = today.clone();
+            let writer = self.writer.clone();
+            self.writes.spawn(async move {
+                let policy = RetryPolicy::attempts(5);
+                let r = policy
+                    .run("write commit index batch", || async {
+                        walvault_shared::archive::index::write_batch(&writer, &batch)
+                            .await
+                            .map_err(|e| StorageError::transient("put", "index", e))
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!("could not write a commit index batch: {e}");
                 }
-                metrics.bytes_uploaded.add(object.len() as u64);
-                return Ok(());
-            }
-            Ok(Err(e @ PutOnceError::SplitBrain { .. })) => {
-                metrics.upload_errors.inc();
-                return Err(e.into());
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => StorageError::Timeout { op: "put", key: key.to_string() }.to_string(),
-        };
-        metrics.upload_retries.inc();
-        metrics.set_error(format!("upload {key}: {err}"));
-        let delay = policy.delay(attempt);
-        tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, "upload {key} failed: {err}");
-        tokio::time::sleep(delay).await;
+                if roll {
+                    if let Err(e) = walvault_shared::archive::index::rollup(&writer, &today).await {
+                        tracing::warn!("could not roll up the commit index: {e:#}");
+                    }
+                }
+            });
+        }
+        if draining {
+            while self.writes.join_next().await.is_some() {}
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walvault_shared::lsn::TimelineId;
+    use walvault_shared::archive::envelope::{self, Expect};
 
     #[test]
     fn segment_from_chunk_frames_decodes_to_the_whole_segment() {
         let tli = TimelineId(1);
-        let meta = |s: u64, e: u64| WalObjectMeta {
-            timeline: tli,
-            start_lsn: Lsn(s),
-            end_lsn: Lsn(e),
-            segment_size: 1 << 20,
-            sealed_at: String::new(),
-            chunks: vec![],
-            commits: None,
-        };
         let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
         let mut frames = BTreeMap::new();
         for (s, e) in [(0u64, 1000u64), (1000, 300_000), (300_000, 1 << 20)] {
-            let o = envelope::encode(
-                ObjectKind::WalChunk,
-                &meta(s, e),
-                &data[s as usize..e as usize],
-                Compression::Zstd,
-                1,
-            );
-            let (h, _) = envelope::decode_header("k", &o).unwrap();
-            let payload = Bytes::from(o).slice(h.payload_offset()..);
-            frames.insert(
-                Lsn(s),
-                Frame { timeline: tli, end: Lsn(e), payload, plain_crc: h.plain_crc, plain_len: h.plain_len },
-            );
+            frames.insert(Lsn(s), Frame::compress(tli, Lsn(e), &data[s as usize..e as usize], 1));
         }
-        let seg = segment_from_frames(&frames, tli, Lsn(0), Lsn(1 << 20), &meta(0, 1 << 20))
-            .expect("frames cover the segment");
-        let d = envelope::decode("seg", &seg).unwrap();
+        let (payload, len, crc) = join_frames(&frames, tli, Lsn(0), Lsn(1 << 20)).expect("frames cover the segment");
+        let obj = envelope::encode_raw(
+            ObjectKind::WalSegment,
+            b"{}",
+            len,
+            crc,
+            Compression::Zstd,
+            &payload,
+            envelope::Seal::unsigned("seg"),
+        );
+        let d =
+            envelope::decode("seg", &obj, &Expect { kind: None, max_plain: 1 << 20, what: "t", verify: None }).unwrap();
         assert!(d.content == data);
-        // A hole: no prebuilt segment (the uploader then compresses the segment itself).
+        // A hole: no segment.
         frames.remove(&Lsn(1000));
-        assert!(segment_from_frames(&frames, tli, Lsn(0), Lsn(1 << 20), &meta(0, 1 << 20)).is_none());
+        assert!(join_frames(&frames, tli, Lsn(0), Lsn(1 << 20)).is_none());
     }
 }

@@ -95,8 +95,9 @@ async fn replay_walvault(archive: &str, prefetch: u32, local_wal: bool) -> Resul
     }
     if local_wal {
         let store = walvault_shared::storage::open_existing(archive, &Default::default()).await?;
-        let id = walvault_shared::archive::identity::load_existing(&*store).await?;
-        let cat = walvault_shared::archive::walcat::WalCatalog::load(&*store, id.wal_segment_size).await?;
+        let reader = walvault_shared::archive::read::Reader::new(store.clone(), None);
+        let id = walvault_shared::archive::identity::load_existing(&reader).await?;
+        let cat = reader.wal_listing(id.wal_segment_size).await?.catalog;
         let recover = bin("walvault-recover")?;
         for (tli, t) in &cat.timelines {
             for s in &t.segments {
@@ -239,6 +240,7 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
         let t0 = Instant::now();
         let out = Command::new(bin("walvault-recover")?)
             .args(["restore", "--archive", &archive, "--pgdata", rdir.join("data").to_str().unwrap(), "--latest"])
+            .args(["--owner", &PgCluster::pg_user_name()])
             .output()?;
         if !out.status.success() {
             bail!("restore: {}", String::from_utf8_lossy(&out.stderr));

@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{self, Compression, ObjectKind};
 use super::names::{self, ArchiveKey};
+use super::read::{Reader, Want};
 use crate::lsn::{Lsn, TimelineId};
 use crate::storage::{ObjectStore, StorageError};
 
@@ -42,9 +42,11 @@ pub struct BackupDescription {
     pub stop_lsn: Lsn,
     pub timeline: TimelineId,
     pub stop_timeline: TimelineId,
-    /// Agent clock (UTC, RFC 3339); keep it NTP-synchronised with the server.
-    pub start_time: String,
-    pub stop_time: String,
+    /// Agent clock (RFC 3339, µs); keep it NTP-synchronised with the server.
+    #[serde(with = "crate::time::rfc3339")]
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    #[serde(with = "crate::time::rfc3339")]
+    pub stop_time: chrono::DateTime<chrono::Utc>,
     pub pg_version_num: u32,
     pub system_identifier: String,
     pub wal_segment_size: u64,
@@ -61,7 +63,8 @@ pub struct BackupDescription {
 pub struct BackupLock {
     pub host: String,
     pub pid: u32,
-    pub started_at: String,
+    #[serde(with = "crate::time::rfc3339")]
+    pub started_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What a listing of `backups/` shows for one id.
@@ -77,20 +80,22 @@ pub enum BackupEntry {
 }
 
 /// Read a backup's description.
-pub async fn read_description(store: &dyn ObjectStore, id: &str) -> anyhow::Result<BackupDescription> {
+pub async fn read_description(reader: &Reader, id: &str) -> anyhow::Result<BackupDescription> {
     let key = names::backup_description(id);
-    let raw = store.get(&key).await?;
-    let d = envelope::decode(&key, &raw)?.expect_kind(&key, ObjectKind::Metadata)?;
-    Ok(d.metadata_as(&key)?)
-}
-
-pub fn encode_description(d: &BackupDescription) -> Vec<u8> {
-    envelope::encode(ObjectKind::Metadata, d, b"", Compression::None, 0)
+    let d = reader.read(&key, Want::DESCRIPTION).await?;
+    let desc: BackupDescription = d.metadata_as(&key)?;
+    if desc.id != id {
+        anyhow::bail!(
+            "object {key} describes backup {:?}, not {id:?}\nHINT: the object was moved or forged; do not trust it",
+            desc.id
+        );
+    }
+    Ok(desc)
 }
 
 /// All backups, complete (sorted by start LSN) and incomplete.
-pub async fn list(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<Vec<BackupEntry>> {
-    let objects = store.list_all(names::BACKUPS_PREFIX).await?;
+pub async fn list(reader: &Reader, segment_size: u64) -> anyhow::Result<Vec<BackupEntry>> {
+    let objects = reader.store().list_all(names::BACKUPS_PREFIX).await?;
     let mut ids: std::collections::BTreeMap<String, (bool, Vec<String>, bool)> = Default::default();
     for o in objects {
         let id = match names::parse(&o.key, segment_size) {
@@ -110,9 +115,9 @@ pub async fn list(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<
     let mut out = Vec::new();
     for (id, (complete, keys, locked)) in ids {
         if complete {
-            out.push(BackupEntry::Complete(Box::new(read_description(store, &id).await?)));
+            out.push(BackupEntry::Complete(Box::new(read_description(reader, &id).await?)));
         } else {
-            let lock = if locked { read_lock(store, &id).await.ok() } else { None };
+            let lock = if locked { read_lock(reader, &id).await.ok() } else { None };
             out.push(BackupEntry::Incomplete { id, keys, lock });
         }
     }
@@ -123,15 +128,14 @@ pub async fn list(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<
     Ok(out)
 }
 
-async fn read_lock(store: &dyn ObjectStore, id: &str) -> anyhow::Result<BackupLock> {
+async fn read_lock(reader: &Reader, id: &str) -> anyhow::Result<BackupLock> {
     let key = names::backup_lock(id);
-    let raw = store.get(&key).await?;
-    Ok(envelope::decode(&key, &raw)?.metadata_as(&key)?)
+    Ok(reader.read(&key, Want::DESCRIPTION).await?.metadata_as(&key)?)
 }
 
 /// Complete backups only, oldest first.
-pub async fn complete(store: &dyn ObjectStore, segment_size: u64) -> anyhow::Result<Vec<BackupDescription>> {
-    Ok(list(store, segment_size)
+pub async fn complete(reader: &Reader, segment_size: u64) -> anyhow::Result<Vec<BackupDescription>> {
+    Ok(list(reader, segment_size)
         .await?
         .into_iter()
         .filter_map(|e| match e {

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::{self, Compression, ObjectKind};
 use super::names;
-use crate::storage::{ObjectStore, PutMode, StorageError};
+use super::read::{Reader, Want};
+use super::write::Writer;
+use crate::storage::{PutMode, StorageError};
 
 /// The archive belongs to another cluster (or a newer format): retrying cannot help.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +29,9 @@ pub struct Identity {
     /// PostgreSQL major version (15 for 15.x).
     pub pg_major: u32,
     pub wal_segment_size: u64,
-    /// When the repository was stamped, RFC 3339.
-    pub created_at: String,
+    /// When the repository was stamped.
+    #[serde(with = "crate::time::rfc3339")]
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Identity {
@@ -38,7 +41,7 @@ impl Identity {
             system_identifier: system_identifier.to_string(),
             pg_major,
             wal_segment_size,
-            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            created_at: crate::time::now(),
         }
     }
 
@@ -65,18 +68,13 @@ impl Identity {
 }
 
 /// Read the repository's identity; `Ok(None)` for a repository nobody has stamped yet.
-pub async fn load(store: &dyn ObjectStore) -> anyhow::Result<Option<Identity>> {
-    let bytes = match store.get(names::IDENTITY).await {
-        Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let d = envelope::decode(names::IDENTITY, &bytes)?.expect_kind(names::IDENTITY, ObjectKind::Identity)?;
+pub async fn load(reader: &Reader) -> anyhow::Result<Option<Identity>> {
+    let Some(d) = reader.read_opt(names::IDENTITY, Want::IDENTITY).await? else { return Ok(None) };
     let id: Identity = d.metadata_as(names::IDENTITY)?;
     if id.format_version > envelope::FORMAT_VERSION {
         return Err(Mismatch(format!(
             "archive {} uses format version {}, newer than this walvault ({})\nHINT: upgrade walvault",
-            store.url(),
+            reader.url(),
             id.format_version,
             envelope::FORMAT_VERSION
         ))
@@ -87,29 +85,41 @@ pub async fn load(store: &dyn ObjectStore) -> anyhow::Result<Option<Identity>> {
 
 /// Read the identity of a repository that must already exist (readers: list, restore, audit,
 /// wal-fetch, expire); a missing stamp is an error with a hint.
-pub async fn load_existing(store: &dyn ObjectStore) -> anyhow::Result<Identity> {
-    load(store).await?.ok_or_else(|| {
+pub async fn load_existing(reader: &Reader) -> anyhow::Result<Identity> {
+    load(reader).await?.ok_or_else(|| {
         anyhow::anyhow!(
             "{} is not a walvault archive (no walvault.repository)\nHINT: check the archive URL and prefix; nothing was ever archived there",
-            store.url()
+            reader.url()
         )
     })
 }
 
 /// Stamp a new repository with `ours`, or check an existing stamp against it. Two agents
-/// stamping at once: one wins, the other reads and checks the winner's stamp.
-pub async fn ensure(store: &dyn ObjectStore, ours: &Identity) -> anyhow::Result<Identity> {
-    if let Some(existing) = load(store).await? {
-        existing.check_compatible(ours, &store.url())?;
+/// stamping at once: one wins, the other reads and checks the winner's stamp. A writer with a
+/// signing key re-stamps an unsigned identity (same fields) with its signature, so that readers
+/// with `--verify-key` can open an archive that was signed only later (its older objects stay
+/// unsigned, and are refused by them).
+pub async fn ensure(writer: &Writer, ours: &Identity) -> anyhow::Result<Identity> {
+    let reader = Reader::new(writer.store().clone(), None);
+    if let Some(existing) = load(&reader).await? {
+        existing.check_compatible(ours, &reader.url())?;
+        if writer.signer().is_some() {
+            let (h, _) = reader.read_meta(names::IDENTITY, ObjectKind::Identity).await?;
+            if h.signature.is_none() {
+                let obj = writer.encode(names::IDENTITY, ObjectKind::Identity, &existing, b"", Compression::None, 0);
+                writer.put_overwrite(names::IDENTITY, obj).await?;
+                tracing::info!("signed the repository identity (it was written without a signing key)");
+            }
+        }
         return Ok(existing);
     }
-    let obj = envelope::encode(ObjectKind::Identity, ours, b"", Compression::None, 0);
-    match store.put(names::IDENTITY, obj.into(), PutMode::IfAbsent).await {
+    let obj = writer.encode(names::IDENTITY, ObjectKind::Identity, ours, b"", Compression::None, 0);
+    match writer.store().put(names::IDENTITY, obj, PutMode::IfAbsent).await {
         Ok(()) => Ok(ours.clone()),
         Err(StorageError::AlreadyExists { .. }) => {
             let existing =
-                load(store).await?.ok_or_else(|| anyhow::anyhow!("identity vanished after a write-once conflict"))?;
-            existing.check_compatible(ours, &store.url())?;
+                load(&reader).await?.ok_or_else(|| anyhow::anyhow!("identity vanished after a write-once conflict"))?;
+            existing.check_compatible(ours, &reader.url())?;
             Ok(existing)
         }
         Err(e) => Err(e.into()),
@@ -119,21 +129,39 @@ pub async fn ensure(store: &dyn ObjectStore, ours: &Identity) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::sign::{SigningKey, VerifyKeys};
     use crate::storage::local::LocalStore;
+    use crate::storage::ObjectStore;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn stamp_then_refuse_another_cluster() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        assert!(load(&store).await.unwrap().is_none());
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let (reader, writer) = (Reader::new(store.clone(), None), Writer::new(store.clone(), None));
+        assert!(load(&reader).await.unwrap().is_none());
         let a = Identity::new(7_300_000_000_000_000_001, 15, 16 << 20);
-        ensure(&store, &a).await.unwrap();
-        ensure(&store, &Identity { created_at: "later".into(), ..a.clone() }).await.unwrap();
+        ensure(&writer, &a).await.unwrap();
+        ensure(&writer, &Identity { created_at: crate::time::now(), ..a.clone() }).await.unwrap();
         let b = Identity::new(7_300_000_000_000_000_002, 15, 16 << 20);
-        let err = format!("{:#}", ensure(&store, &b).await.unwrap_err());
+        let err = format!("{:#}", ensure(&writer, &b).await.unwrap_err());
         assert!(err.contains("another cluster") && err.contains("HINT"), "{err}");
         let c = Identity { pg_major: 16, ..a.clone() };
-        assert!(ensure(&store, &c).await.is_err());
-        assert_eq!(load(&store).await.unwrap().unwrap(), a);
+        assert!(ensure(&writer, &c).await.is_err());
+        assert_eq!(load(&reader).await.unwrap().unwrap(), a);
+    }
+
+    #[tokio::test]
+    async fn a_signing_writer_signs_an_unsigned_identity_and_readers_with_the_key_accept_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let a = Identity::new(7_300_000_000_000_000_001, 15, 16 << 20);
+        ensure(&Writer::new(store.clone(), None), &a).await.unwrap();
+        let sk = Arc::new(SigningKey::generate());
+        let keys = VerifyKeys(vec![sk.verify_key()]);
+        let strict = Reader::new(store.clone(), Some(keys));
+        assert!(load(&strict).await.is_err(), "unsigned identity refused under a verify key");
+        ensure(&Writer::new(store.clone(), Some(sk)), &a).await.unwrap();
+        assert_eq!(load(&strict).await.unwrap().unwrap(), a);
     }
 }

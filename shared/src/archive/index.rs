@@ -14,54 +14,52 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{self, Compression, ObjectKind};
+use super::envelope::{Compression, ObjectKind};
 use super::names::{self, ArchiveKey};
+use super::read::{sort_dedup, Reader, Want};
 use super::walcat::ChunkRecord;
-use crate::storage::{ObjectStore, PutMode};
+use super::write::Writer;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct IndexContent {
     pub records: Vec<ChunkRecord>,
 }
 
-fn day_and_time(rfc3339: &str) -> (String, String) {
-    match chrono::DateTime::parse_from_rfc3339(rfc3339) {
-        Ok(t) => {
-            let t = t.with_timezone(&chrono::Utc);
-            (t.format("%Y-%m-%d").to_string(), t.format("%H%M%S").to_string())
-        }
-        Err(_) => ("1970-01-01".into(), "000000".into()),
-    }
+fn day_and_time(t: chrono::DateTime<chrono::Utc>) -> (String, String) {
+    (t.format("%Y-%m-%d").to_string(), t.format("%H%M%S").to_string())
 }
 
-pub fn encode(records: &[ChunkRecord]) -> Vec<u8> {
+pub fn encode(writer: &Writer, key: &str, records: &[ChunkRecord]) -> bytes::Bytes {
     let content = serde_json::to_vec(&IndexContent { records: records.to_vec() }).expect("serialise index");
-    envelope::encode(ObjectKind::Metadata, &serde_json::json!({"index": records.len()}), &content, Compression::Zstd, 3)
+    writer.encode(
+        key,
+        ObjectKind::Metadata,
+        &serde_json::json!({"index": records.len()}),
+        &content,
+        Compression::Zstd,
+        3,
+    )
 }
 
-pub fn decode(key: &str, raw: &[u8]) -> anyhow::Result<Vec<ChunkRecord>> {
-    let d = envelope::decode(key, raw)?;
+pub async fn read(reader: &Reader, key: &str) -> anyhow::Result<Option<Vec<ChunkRecord>>> {
+    let Some(d) = reader.read_opt(key, Want::INDEX).await? else { return Ok(None) };
     let c: IndexContent = serde_json::from_slice(&d.content).map_err(|e| anyhow::anyhow!("index object {key}: {e}"))?;
-    Ok(c.records)
-}
-
-/// Sort by position and drop repeats (a batch written twice after a crash).
-fn sort_dedup(records: &mut Vec<ChunkRecord>) {
-    records.sort_by_key(|r| (r.timeline, r.start_lsn, r.end_lsn));
-    records.dedup_by_key(|r| (r.timeline, r.start_lsn, r.end_lsn));
+    Ok(Some(c.records))
 }
 
 /// Write a batch (no-op when empty). Returns its key.
-pub async fn write_batch(store: &dyn ObjectStore, records: &[ChunkRecord]) -> anyhow::Result<Option<String>> {
+pub async fn write_batch(writer: &Writer, records: &[ChunkRecord]) -> anyhow::Result<Option<String>> {
     let Some(first) = records.first() else { return Ok(None) };
-    let (day, hms) = day_and_time(&first.durable_at);
+    let (day, hms) = day_and_time(first.durable_at);
     let key = names::index_batch(&day, &hms, first.start_lsn);
-    store.put(&key, encode(records).into(), PutMode::Overwrite).await?;
+    writer.put_overwrite(&key, encode(writer, &key, records)).await?;
     Ok(Some(key))
 }
 
 /// Merge the batches of every day before `today` into that day's object, then delete them.
-pub async fn rollup(store: &dyn ObjectStore, today: &str) -> anyhow::Result<()> {
+pub async fn rollup(writer: &Writer, today: &str) -> anyhow::Result<()> {
+    let store = writer.store();
+    let reader = Reader::new(store.clone(), None);
     let mut by_day: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for o in store.list_all("index/batch/").await? {
         if let Some(ArchiveKey::IndexBatch { day }) = names::parse(&o.key, crate::lsn::DEFAULT_SEGMENT_SIZE) {
@@ -72,16 +70,12 @@ pub async fn rollup(store: &dyn ObjectStore, today: &str) -> anyhow::Result<()> 
     }
     for (day, keys) in by_day {
         let day_key = names::index_day(&day);
-        let mut records = match store.get(&day_key).await {
-            Ok(raw) => decode(&day_key, &raw)?,
-            Err(e) if e.is_not_found() => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let mut records = read(&reader, &day_key).await?.unwrap_or_default();
         for k in &keys {
-            records.extend(decode(k, &store.get(k).await?)?);
+            records.extend(read(&reader, k).await?.unwrap_or_default());
         }
         sort_dedup(&mut records);
-        store.put(&day_key, encode(&records).into(), PutMode::Overwrite).await?;
+        writer.put_overwrite(&day_key, encode(writer, &day_key, &records)).await?;
         store.delete(&keys).await?;
         tracing::info!(day = %day, batches = keys.len(), records = records.len(), "commit index rolled up");
     }
@@ -89,14 +83,14 @@ pub async fn rollup(store: &dyn ObjectStore, today: &str) -> anyhow::Result<()> 
 }
 
 /// Every record in the index, deduplicated; and how many objects were read.
-pub async fn load_all(store: &dyn ObjectStore) -> anyhow::Result<(Vec<ChunkRecord>, usize)> {
+pub async fn load_all(reader: &Reader) -> anyhow::Result<(Vec<ChunkRecord>, usize)> {
     let mut records = Vec::new();
     let mut gets = 0;
-    for o in store.list_all(names::INDEX_PREFIX).await? {
+    for o in reader.store().list_all(names::INDEX_PREFIX).await? {
         match names::parse(&o.key, crate::lsn::DEFAULT_SEGMENT_SIZE) {
             Some(ArchiveKey::IndexBatch { .. }) | Some(ArchiveKey::IndexDay { .. }) => {
                 gets += 1;
-                records.extend(decode(&o.key, &store.get(&o.key).await?)?);
+                records.extend(read(reader, &o.key).await?.unwrap_or_default());
             }
             _ => {}
         }

@@ -1,64 +1,26 @@
-//! The archive: what is stored, under which names, in which envelope.
+//! The archive: what is stored, under which names, in which envelope, and the one way each is
+//! read back and written.
 //!
-//! * [`names`]: the catalogue of object names (grammar and examples).
-//! * [`envelope`]: the versioned, checksummed, compressed container every object is stored in.
+//! * [`names`]: the catalogue of object names (grammar and examples); nothing else builds a key.
+//! * [`envelope`]: the versioned, checksummed, compressed, optionally signed container every
+//!   object is stored in.
+//! * [`sign`]: the agent's Ed25519 signing key and the readers' verify key.
 //! * [`identity`]: the repository's identity stamp, which keeps WAL of one cluster out of
 //!   another cluster's archive.
+//! * [`walcat`]: what WAL an archive holds (a catalogue of one listing) and WAL object metadata.
+//! * [`backup`]: base backup descriptions and listing.
+//! * [`index`]: the commit index the RPO audit reads first.
+//! * [`read`]: [`read::Reader`], bounded and verified reads, WAL ranges, chunk records.
+//! * [`write`]: [`write::Writer`], sealed write-once puts with the split-brain check.
 
 pub mod backup;
 pub mod envelope;
 pub mod identity;
 pub mod index;
 pub mod names;
+pub mod read;
+pub mod sign;
 pub mod walcat;
+pub mod write;
 
-use bytes::Bytes;
-
-use crate::storage::{ObjectStore, PutMode, StorageError};
-
-/// What [`put_once`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PutOutcome {
-    Written,
-    /// The same content was already there (a retry after an unknown outcome, or a restart).
-    AlreadyThere,
-}
-
-/// Write-once with a content check: identical content already under `key` is success;
-/// different content is a split-brain error that must stop the writer.
-#[derive(Debug, thiserror::Error)]
-pub enum PutOnceError {
-    #[error(
-        "split brain: object {key} already exists with different content\nHINT: another writer (a second agent, or a \
-         cluster restored from this archive) is writing to this archive; stop it, or give each writer its own archive. \
-         Nothing was overwritten."
-    )]
-    SplitBrain { key: String },
-    #[error("object {key} already exists and cannot be read back to compare: {source}")]
-    Unreadable { key: String, source: anyhow::Error },
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-}
-
-/// Put `object` (an encoded envelope whose plain content is `content`) under `key` write-once.
-pub async fn put_once(
-    store: &dyn ObjectStore,
-    key: &str,
-    object: Bytes,
-    content: &[u8],
-) -> Result<PutOutcome, PutOnceError> {
-    match store.put(key, object, PutMode::IfAbsent).await {
-        Ok(()) => Ok(PutOutcome::Written),
-        Err(StorageError::AlreadyExists { .. }) => {
-            let existing = store.get(key).await?;
-            let decoded = envelope::decode(key, &existing)
-                .map_err(|e| PutOnceError::Unreadable { key: key.to_string(), source: e.into() })?;
-            if decoded.content == content {
-                Ok(PutOutcome::AlreadyThere)
-            } else {
-                Err(PutOnceError::SplitBrain { key: key.to_string() })
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
-}
+pub use write::{PutOnceError, PutOutcome};

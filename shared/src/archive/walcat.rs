@@ -1,4 +1,5 @@
-//! What WAL an archive holds: a catalogue built from one listing of `wal/`.
+//! What WAL an archive holds: a catalogue built from one listing of `wal/` (the listing and
+//! the reads themselves are [`super::read`]'s).
 //!
 //! Per timeline it knows the whole-segment objects and the chunk objects (which may overlap
 //! after a crash: the bytes at one LSN of one timeline are the same in every object that holds
@@ -9,11 +10,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::names::{self, ArchiveKey};
 use crate::lsn::{Lsn, SegNo, TimelineId};
-use crate::storage::{ObjectStore, StorageError};
 use crate::wal::SegmentName;
 
 /// Envelope metadata of a WAL chunk or segment object.
@@ -25,7 +26,8 @@ pub struct WalObjectMeta {
     pub segment_size: u64,
     /// When the agent sealed the data (RFC 3339, µs). The object became durable when the
     /// store acknowledged it (the store's last-modified time; `durable_at` of each chunk).
-    pub sealed_at: String,
+    #[serde(with = "crate::time::rfc3339")]
+    pub sealed_at: DateTime<Utc>,
     /// For a segment consolidated from chunks: each chunk's range and the time it became
     /// durable, so consolidation loses no precision for the RPO audit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -40,20 +42,20 @@ pub struct WalObjectMeta {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitStats {
     pub count: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<String>,
+    #[serde(default, with = "crate::time::rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub first: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub last: Option<DateTime<Utc>>,
 }
 
 impl CommitStats {
-    pub fn add(&mut self, t: chrono::DateTime<chrono::Utc>) {
-        let s = t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    /// Count a commit at `t` (commits are added in WAL order).
+    pub fn add(&mut self, t: DateTime<Utc>) {
         self.count += 1;
         if self.first.is_none() {
-            self.first = Some(s.clone());
+            self.first = Some(t);
         }
-        self.last = Some(s);
+        self.last = Some(t);
     }
 }
 
@@ -63,8 +65,12 @@ pub struct ChunkRecord {
     pub timeline: TimelineId,
     pub start_lsn: Lsn,
     pub end_lsn: Lsn,
-    pub sealed_at: String,
-    pub durable_at: String,
+    #[serde(with = "crate::time::rfc3339")]
+    pub sealed_at: DateTime<Utc>,
+    /// When the store acknowledged the chunk: from then on a crash of the primary loses none
+    /// of its commits.
+    #[serde(with = "crate::time::rfc3339")]
+    pub durable_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commits: Option<CommitStats>,
 }
@@ -99,16 +105,6 @@ pub struct WalCatalog {
 impl WalCatalog {
     pub fn empty(segment_size: u64) -> Self {
         WalCatalog { segment_size, timelines: BTreeMap::new(), histories: BTreeSet::new() }
-    }
-
-    /// List `wal/` once and catalogue it. Keys that are not in the name catalogue are ignored.
-    pub async fn load(store: &dyn ObjectStore, segment_size: u64) -> Result<Self, StorageError> {
-        let objects = store.list_all(names::WAL_PREFIX).await?;
-        let mut cat = WalCatalog::empty(segment_size);
-        for o in objects {
-            cat.add_key(&o.key);
-        }
-        Ok(cat)
     }
 
     pub fn add_key(&mut self, key: &str) {
@@ -172,34 +168,6 @@ impl WalCatalog {
         Ok(out)
     }
 
-    /// WAL bytes `[from, to)` of `tli`, assembled from the objects that hold them (each read
-    /// whole and checksum-verified). Fails naming the first missing LSN or a short object.
-    pub async fn read_range(
-        &self,
-        store: &dyn ObjectStore,
-        tli: TimelineId,
-        from: Lsn,
-        to: Lsn,
-    ) -> anyhow::Result<Vec<u8>> {
-        let pieces = self
-            .pieces_for(tli, from, to)
-            .map_err(|at| anyhow::anyhow!("the archive has no WAL at {at} on timeline {tli}"))?;
-        let mut out = Vec::with_capacity(to.0.saturating_sub(from.0) as usize);
-        let mut pos = from;
-        for p in pieces {
-            let raw = store.get(&p.key).await?;
-            let content = super::envelope::decode(&p.key, &raw)?.content;
-            let a = (pos.0 - p.start.0) as usize;
-            let b = (p.end.min(to).0 - p.start.0) as usize;
-            if content.len() < b {
-                anyhow::bail!("object {} holds {} bytes, fewer than its name says", p.key, content.len());
-            }
-            out.extend_from_slice(&content[a..b]);
-            pos = p.end.min(to);
-        }
-        Ok(out)
-    }
-
     /// Covered ranges of `tli`, merged, ascending.
     pub fn ranges(&self, tli: TimelineId) -> Vec<(Lsn, Lsn)> {
         let Some(t) = self.timelines.get(&tli) else { return Vec::new() };
@@ -235,6 +203,14 @@ impl WalCatalog {
             }
         }
         out
+    }
+
+    /// Keys of the chunk objects of `seg` (each holds part of that segment).
+    pub fn chunks_of(&self, seg: &SegmentName) -> Vec<String> {
+        let Some(t) = self.timelines.get(&seg.timeline) else { return Vec::new() };
+        let start = seg.start_lsn(self.segment_size);
+        let end = Lsn(start.0 + self.segment_size);
+        t.chunks.range(start..end).flat_map(|(_, v)| v.iter().map(|p| p.key.clone())).collect()
     }
 
     pub fn highest_timeline(&self) -> Option<TimelineId> {

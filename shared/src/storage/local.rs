@@ -8,8 +8,19 @@
 //!   the name exists: two writers racing for one key cannot both win, and neither can clobber.
 //! * [`PutMode::Overwrite`] publishes with `rename(2)`, atomic replacement.
 //!
-//! A full disk (`ENOSPC`) or a read-only/permission error is permanent and says so with a hint;
-//! the partial temp file is removed, and nothing already in the repository is touched.
+//! A read-only or permission error is permanent and says so with a hint; a full disk (`ENOSPC`)
+//! is transient (space can be freed) and says so too; either way the partial temp file is
+//! removed, and nothing already in the repository is touched.
+//!
+//! Modes: the archive holds every row of the database, so a repository directory the store
+//! creates is `0700` and its files `0600`. An operator who wants a group to read it (PostgreSQL's
+//! `restore_command` running as another user than the agent) makes the root directory
+//! group-readable, usually setgid to that group (`chgrp postgres DIR; chmod 2750 DIR`): files
+//! are then created `0640` and directories `0750` (with the setgid bit inherited), never
+//! readable by others whatever the root's mode.
+//!
+//! Symlinks inside the repository are refused (reads and writes say so; listings skip them):
+//! an archive directory is not a place to point elsewhere. The root itself may be a symlink.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -28,19 +39,38 @@ const TMP_DIR: &str = ".tmp";
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Modes for new directories and files (see the module doc).
+    dir_mode: u32,
+    file_mode: u32,
+}
+
+/// Modes for new directories and files under a root of mode `root_mode`: owner-only, plus
+/// group read (and traverse) when the root grants it; never anything for others.
+fn modes_for(root_mode: u32) -> (u32, u32) {
+    let group_read = root_mode & 0o040 != 0;
+    if group_read {
+        (0o750, 0o640)
+    } else {
+        (0o700, 0o600)
+    }
 }
 
 impl LocalStore {
-    /// Open (creating if needed) a repository directory.
+    /// Open (creating if needed, mode 0700) a repository directory.
     pub fn open(root: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
-        fs::create_dir_all(root.join(TMP_DIR)).map_err(|e| {
+        let hint = |e: io::Error| {
             anyhow::anyhow!(
                 "cannot create archive directory {}: {e}\nHINT: check that the path is writable by this user",
                 root.display()
             )
-        })?;
-        Ok(LocalStore { root })
+        };
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).map_err(hint)?;
+        let mode = fs::metadata(&root).map_err(hint)?.permissions().mode();
+        let (dir_mode, file_mode) = modes_for(mode);
+        fs::DirBuilder::new().recursive(true).mode(dir_mode).create(root.join(TMP_DIR)).map_err(hint)?;
+        Ok(LocalStore { root, dir_mode, file_mode })
     }
 
     /// Open an existing repository for reading; never creates anything (a reader may run as
@@ -58,7 +88,8 @@ impl LocalStore {
                 root.display()
             ),
         }
-        Ok(LocalStore { root })
+        let (dir_mode, file_mode) = modes_for(0);
+        Ok(LocalStore { root, dir_mode, file_mode })
     }
 
     pub fn root(&self) -> &Path {
@@ -70,16 +101,38 @@ impl LocalStore {
         if key == TMP_DIR || key.starts_with(".tmp/") {
             return Err(StorageError::permanent(op, key, "key reserved for temporary files"));
         }
+        // No component below the root may be a symlink (a missing one is fine: not created yet).
+        let mut p = self.root.clone();
+        for c in key.split('/') {
+            p.push(c);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(StorageError::Permanent {
+                        op,
+                        key: key.to_string(),
+                        message: format!("{} is a symbolic link inside the archive", p.display()),
+                        hint: Some("walvault never follows links inside an archive directory; replace the link by the directory or file itself".into()),
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         Ok(self.root.join(key))
     }
 }
 
 /// Map an I/O error to the storage error a caller branches on.
 fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        // Space can be freed: a writer that may wait (the WAL uploader) retries.
+        return StorageError::transient(
+            op,
+            key,
+            format!("{e}\nHINT: the archive's file system is full: free space or move the archive"),
+        );
+    }
     let hint = match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            Some("the archive's file system is full: free space or move the archive")
-        }
         Some(libc::EACCES) | Some(libc::EPERM) => Some(if op == "put" || op == "delete" {
             "the archive directory is not writable by this user"
         } else {
@@ -101,13 +154,14 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Publish a complete, fsynced temp file under `dest`.
-fn publish(tmp: &Path, dest: &Path, mode: PutMode) -> io::Result<()> {
+/// Publish a complete, fsynced temp file under `dest`; new directories get `dir_mode`.
+fn publish(tmp: &Path, dest: &Path, mode: PutMode, dir_mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let parent = dest.parent().expect("key paths have a parent");
     // A concurrent delete may remove the (empty) parent between our mkdir and link: retry.
     let mut attempt = 0;
     loop {
-        fs::create_dir_all(parent)?;
+        fs::DirBuilder::new().recursive(true).mode(dir_mode).create(parent)?;
         let r = match mode {
             PutMode::Overwrite => fs::rename(tmp, dest),
             PutMode::IfAbsent => fs::hard_link(tmp, dest),
@@ -138,14 +192,15 @@ impl Drop for TempGuard {
     }
 }
 
-fn put_blocking(root: &Path, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
-    let tmp = temp_path(root);
+fn put_blocking(store: &LocalStore, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = temp_path(&store.root);
     let _guard = TempGuard(tmp.clone());
-    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(store.file_mode).open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);
-    publish(&tmp, dest, mode)
+    publish(&tmp, dest, mode, store.dir_mode)
 }
 
 #[async_trait]
@@ -156,8 +211,8 @@ impl ObjectStore for LocalStore {
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
         let dest = self.path("put", key)?;
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || put_blocking(&root, &dest, &data, mode))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || put_blocking(&store, &dest, &data, mode))
             .await
             .map_err(|e| StorageError::transient("put", key, e))?
             .map_err(|e| match e.kind() {
@@ -173,6 +228,7 @@ impl ObjectStore for LocalStore {
         let mut f = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(self.file_mode)
             .open(&tmp)
             .await
             .map_err(|e| io_err("put", key, e))?;
@@ -184,8 +240,9 @@ impl ObjectStore for LocalStore {
         f.sync_all().await.map_err(|e| io_err("put", key, e))?;
         drop(f);
         let k = key.to_string();
+        let dir_mode = self.dir_mode;
         tokio::task::spawn_blocking(move || {
-            let r = publish(&tmp, &dest, mode);
+            let r = publish(&tmp, &dest, mode, dir_mode);
             drop(guard);
             r
         })

@@ -153,6 +153,25 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         Ok(buf.freeze())
     }
 
+    /// The whole object in memory, refused (without reading further) once it exceeds `max`
+    /// bytes: what readers of an untrusted archive use.
+    async fn get_bounded(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
+        let mut s = self.get_stream(key).await?;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = s.try_next().await? {
+            if (buf.len() + chunk.len()) as u64 > max {
+                return Err(StorageError::Permanent {
+                    op: "get",
+                    key: key.to_string(),
+                    message: format!("object is larger than the {max} bytes an object of its kind may have"),
+                    hint: Some("the object was forged or damaged; do not trust this archive location".into()),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
     /// Every key under `prefix`, collected.
     async fn list_all(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
         self.list(prefix).try_collect().await

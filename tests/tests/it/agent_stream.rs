@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use walvault_shared::archive::walcat::WalCatalog;
 use walvault_shared::lsn::{Lsn, SegNo, TimelineId};
 use walvault_shared::storage::local::LocalStore;
 use walvault_shared::storage::s3::S3Store;
 use walvault_shared::storage::ObjectStore;
 use walvault_shared::wal::SegmentName;
-use walvault_tests::agent::{read_segment, read_wal, Agent};
+use walvault_tests::agent::{catalog, read_segment, read_wal, Agent};
 use walvault_tests::pg::{PgCluster, PgOptions};
 use walvault_tests::s3server::{S3Server, ACCESS_KEY, SECRET_KEY};
 
@@ -36,8 +35,7 @@ struct Archive {
 
 impl Archive {
     fn local() -> Self {
-        let dir = tempfile::Builder::new().prefix("archive-").tempdir_in(walvault_tests::test_root().unwrap()).unwrap();
-        let path = dir.path().join("repo");
+        let (dir, _, path) = walvault_tests::local_archive().unwrap();
         let store = LocalStore::open(&path).unwrap();
         Archive {
             url: format!("file://{}", path.display()),
@@ -80,8 +78,8 @@ async fn flush_lsn(pg: &PgCluster) -> Lsn {
 
 /// Every whole segment in the archive on `tli` equals the server's pg_wal file; returns how
 /// many were compared.
-async fn assert_segments_identical(store: &dyn ObjectStore, pg: &PgCluster, tli: TimelineId) -> usize {
-    let cat = WalCatalog::load(store, SEG).await.unwrap();
+async fn assert_segments_identical(store: &Arc<dyn ObjectStore>, pg: &PgCluster, tli: TimelineId) -> usize {
+    let cat = catalog(store, SEG).await.unwrap();
     let segs: Vec<SegNo> = cat.timelines.get(&tli).map(|t| t.segments.iter().copied().collect()).unwrap_or_default();
     let mut compared = 0;
     for s in segs {
@@ -95,8 +93,8 @@ async fn assert_segments_identical(store: &dyn ObjectStore, pg: &PgCluster, tli:
 }
 
 /// No gap on `tli` from `from` to `to`, and no chunk left beside a whole segment.
-async fn assert_contiguous(store: &dyn ObjectStore, tli: TimelineId, from: Lsn, to: Lsn) {
-    let cat = WalCatalog::load(store, SEG).await.unwrap();
+async fn assert_contiguous(store: &Arc<dyn ObjectStore>, tli: TimelineId, from: Lsn, to: Lsn) {
+    let cat = catalog(store, SEG).await.unwrap();
     let end = cat.contiguous_end(tli, from);
     assert!(
         end >= to,
@@ -133,12 +131,12 @@ async fn identical_under_pgbench(archive: Archive) {
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
     assert_eq!(agent.stop().unwrap(), 0, "clean shutdown exits 0:\n{}", agent.log_text());
-    let n = assert_segments_identical(&*archive.store, &pg, TimelineId(1)).await;
+    let n = assert_segments_identical(&archive.store, &pg, TimelineId(1)).await;
     assert!(n >= 5, "expected several whole segments, compared {n}");
-    assert_contiguous(&*archive.store, TimelineId(1), first, end).await;
+    assert_contiguous(&archive.store, TimelineId(1), first, end).await;
     // The unfinished last segment is in the archive as chunks, byte-identical too.
     let tail_start = end.segment_start(SEG);
-    let tail = read_wal(&*archive.store, TimelineId(1), tail_start, end, SEG).await.unwrap();
+    let tail = read_wal(&archive.store, TimelineId(1), tail_start, end, SEG).await.unwrap();
     let name = SegmentName::containing(TimelineId(1), end, SEG).file_name(SEG);
     assert!(tail == pg.read_pg_wal(&name).unwrap()[..tail.len()], "chunks of {name} differ from pg_wal");
     assert!(!agent.log_text().contains("ERROR"), "unexpected errors:\n{}", agent.log_text());
@@ -215,8 +213,8 @@ async fn kill9_agent_mid_load_resumes_without_gap() {
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
     assert_eq!(agent.stop().unwrap(), 0);
-    assert!(assert_segments_identical(&*archive.store, &pg, TimelineId(1)).await >= 2);
-    assert_contiguous(&*archive.store, TimelineId(1), first, end).await;
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 2);
+    assert_contiguous(&archive.store, TimelineId(1), first, end).await;
     // The slot never lets PostgreSQL drop WAL that is not archived: it trails the archive.
     let restart: Lsn = pg
         .query_one_text("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'walvault'")
@@ -224,7 +222,7 @@ async fn kill9_agent_mid_load_resumes_without_gap() {
         .unwrap()
         .parse()
         .unwrap();
-    let cat = WalCatalog::load(&*archive.store, SEG).await.unwrap();
+    let cat = catalog(&archive.store, SEG).await.unwrap();
     assert!(
         cat.contiguous_end(TimelineId(1), restart.segment_start(SEG)) >= restart,
         "slot restart_lsn {restart} ahead of the archive"
@@ -251,7 +249,7 @@ async fn postgres_restart_fast_and_immediate() {
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
     assert_eq!(agent.stop().unwrap(), 0);
-    assert!(assert_segments_identical(&*archive.store, &pg, TimelineId(1)).await >= 1);
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +280,7 @@ async fn promotion_follows_the_new_primary_and_timeline() {
     standby.execute("INSERT INTO t VALUES (-1)").await.unwrap();
     let after = flush_lsn(&standby).await;
     agent.wait_archived(after, Duration::from_secs(120)).await.unwrap();
-    let cat = WalCatalog::load(&*archive.store, SEG).await.unwrap();
+    let cat = catalog(&archive.store, SEG).await.unwrap();
     assert!(cat.histories.contains(&TimelineId(2)), "00000002.history archived");
     // No gap across the promotion: timeline 1 is archived up to the switch point that the new
     // primary's history file names.
@@ -297,7 +295,7 @@ async fn promotion_follows_the_new_primary_and_timeline() {
     // primary's own file.
     let tli2_start = switch[0].0;
     assert!(tli2_start.is_segment_start(SEG));
-    let bytes = read_wal(&*archive.store, TimelineId(2), tli2_start, after, SEG).await.unwrap();
+    let bytes = read_wal(&archive.store, TimelineId(2), tli2_start, after, SEG).await.unwrap();
     let name = SegmentName::containing(TimelineId(2), tli2_start, SEG).file_name(SEG);
     let file = standby.read_pg_wal(&name).unwrap();
     let n = bytes.len().min(file.len());
@@ -339,8 +337,8 @@ async fn archive_outage_is_retried_then_caught_up() {
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(180)).await.unwrap();
     assert_eq!(agent.stop().unwrap(), 0);
-    assert_contiguous(&*archive.store, TimelineId(1), first, end).await;
-    assert!(assert_segments_identical(&*archive.store, &pg, TimelineId(1)).await >= 1);
+    assert_contiguous(&archive.store, TimelineId(1), first, end).await;
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

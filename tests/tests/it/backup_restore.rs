@@ -4,7 +4,6 @@
 //! committed at or before the target exist, later ones do not), with pg_verifybackup on the
 //! restored base.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -18,10 +17,8 @@ fn opts() -> PgOptions {
 }
 
 fn local_archive() -> (tempfile::TempDir, String) {
-    let dir = tempfile::Builder::new().prefix("archive-").tempdir_in(walvault_tests::test_root().unwrap()).unwrap();
-    // restore_command runs as the PostgreSQL user: it must be able to read the archive.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let url = format!("file://{}", dir.path().join("repo").display());
+    // restore_command runs as the PostgreSQL user: the archive is shared with its group.
+    let (dir, url, _) = walvault_tests::local_archive().unwrap();
     (dir, url)
 }
 
@@ -97,7 +94,16 @@ async fn backup_then_point_in_time_restores() {
     // Before any backup: a restore is refused with the reason.
     let (code, _, err) = run(
         "walvault-recover",
-        &["restore", "--archive", &archive, "--pgdata", "/tmp/walvault-tests/never", "--latest"],
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            "/tmp/walvault-tests/never",
+            "--latest",
+            "--owner",
+            &PgCluster::pg_user_name(),
+        ],
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no complete base backup") && err.contains("HINT"), "{err}");
@@ -212,7 +218,17 @@ async fn backup_then_point_in_time_restores() {
     let never = PgCluster::fresh_dir("never").unwrap().join("data");
     let (code, _, err) = run(
         "walvault-recover",
-        &["restore", "--archive", &archive, "--pgdata", never.to_str().unwrap(), "--target-lsn", "0/100"],
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            never.to_str().unwrap(),
+            "--target-lsn",
+            "0/100",
+            "--owner",
+            &owner,
+        ],
     );
     assert_eq!(code, 1);
     assert!(err.contains("recoverable window"), "{err}");
@@ -228,6 +244,8 @@ async fn backup_then_point_in_time_restores() {
             never.to_str().unwrap(),
             "--target-time",
             "2999-01-01T00:00:00Z",
+            "--owner",
+            &owner,
         ],
     );
     assert_eq!(code, 1);
@@ -235,8 +253,10 @@ async fn backup_then_point_in_time_restores() {
     // A non-empty PGDATA is refused.
     let full = PgCluster::fresh_dir("full").unwrap();
     std::fs::write(full.join("precious"), b"x").unwrap();
-    let (code, _, err) =
-        run("walvault-recover", &["restore", "--archive", &archive, "--pgdata", full.to_str().unwrap(), "--latest"]);
+    let (code, _, err) = run(
+        "walvault-recover",
+        &["restore", "--archive", &archive, "--pgdata", full.to_str().unwrap(), "--latest", "--owner", &owner],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("not empty") && err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(full.join("precious")).unwrap(), b"x");
@@ -274,8 +294,19 @@ async fn missing_or_corrupt_wal_is_reported() {
     let saved = std::fs::read(&victim).unwrap();
     std::fs::remove_file(&victim).unwrap();
     let never = PgCluster::fresh_dir("never").unwrap().join("data");
-    let (code, _, err) =
-        run("walvault-recover", &["restore", "--archive", &archive, "--pgdata", never.to_str().unwrap(), "--latest"]);
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            never.to_str().unwrap(),
+            "--latest",
+            "--owner",
+            &PgCluster::pg_user_name(),
+        ],
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("missing WAL") && err.contains("resumes at"), "{err}");
     assert!(!never.exists());
@@ -465,12 +496,9 @@ async fn retention_keeps_what_kept_backups_need() {
     assert_eq!(code, 0, "{err}");
     assert!(!repo.join("backups").join(&backups[0].0).exists(), "oldest backup removed");
     assert!(repo.join("backups").join(&backups[1].0).join("backup.json").exists());
-    let cat = walvault_shared::archive::walcat::WalCatalog::load(
-        &walvault_shared::storage::local::LocalStore::open_existing(&repo).unwrap(),
-        16 << 20,
-    )
-    .await
-    .unwrap();
+    let store: std::sync::Arc<dyn walvault_shared::storage::ObjectStore> =
+        std::sync::Arc::new(walvault_shared::storage::local::LocalStore::open_existing(&repo).unwrap());
+    let cat = walvault_tests::agent::catalog(&store, 16 << 20).await.unwrap();
     let tli = walvault_shared::lsn::TimelineId(1);
     let cutoff = backups[1].1.segment_start(16 << 20);
     let ranges = cat.ranges(tli);

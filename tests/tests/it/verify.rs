@@ -42,9 +42,7 @@ fn files(p: &Path) -> Vec<PathBuf> {
 async fn drill_passes_then_fails_on_a_corrupt_part() {
     walvault_tests::init_logging();
     let pg = PgCluster::start_new("drill", PgOptions::default()).unwrap();
-    let dir = tempfile::Builder::new().prefix("archive-").tempdir_in(walvault_tests::test_root().unwrap()).unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let archive = format!("file://{}", dir.path().join("repo").display());
+    let (dir, archive, _) = walvault_tests::local_archive().unwrap();
     let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
     pg.execute("CREATE TABLE t (id int)").await.unwrap();
     pg.execute("INSERT INTO t SELECT generate_series(1, 100)").await.unwrap();

@@ -1,0 +1,238 @@
+//! The command line of `walvault-recover`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use walvault_shared::storage::s3::S3Options;
+
+pub const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 usage error. wal-fetch: 0 written, 1 not in the archive, 126 could not fetch (or did not verify). audit: 0 target met, 1 missed, 2 error. verify: 0 passed, 1 failed.";
+
+#[derive(Parser)]
+#[command(name = "walvault-recover", version, about = "Restore PostgreSQL from a walvault archive.", after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Which archive to read, and how to trust it.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Archive")]
+pub struct ArchiveArgs {
+    /// Archive: file:///path, a plain path, or s3://bucket/prefix.
+    #[arg(long, env = "WALVAULT_ARCHIVE")]
+    pub archive: String,
+    /// S3 endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, env = "WALVAULT_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, env = "WALVAULT_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets as endpoint/bucket (MinIO, SeaweedFS, Ceph, most self-hosted stores).
+    #[arg(long, env = "WALVAULT_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Refuse every object not signed by this key: the line `walvault-agent keygen` printed, or
+    /// @FILE holding it. Repeat during a key rotation (any of them may verify).
+    #[arg(long = "verify-key", env = "WALVAULT_VERIFY_KEY", value_delimiter = ',')]
+    pub verify_keys: Vec<String>,
+}
+
+impl ArchiveArgs {
+    pub fn s3(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            ..Default::default()
+        }
+    }
+
+    /// The same settings as arguments for another walvault-recover process (no secrets; the
+    /// verify keys as their text, not their files, so the restored server needs no file).
+    pub fn args(&self) -> anyhow::Result<Vec<String>> {
+        let mut v = vec!["--archive".to_string(), self.archive.clone()];
+        if let Some(e) = &self.s3_endpoint {
+            v.extend(["--s3-endpoint".to_string(), e.clone()]);
+        }
+        if let Some(r) = &self.s3_region {
+            v.extend(["--s3-region".to_string(), r.clone()]);
+        }
+        if self.s3_force_path_style {
+            v.push("--s3-force-path-style".into());
+        }
+        if let Some(keys) = walvault_shared::archive::sign::VerifyKeys::from_args(&self.verify_keys)? {
+            v.extend(keys.to_args());
+        }
+        Ok(v)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Backups (with their times), timelines and the recoverable window, by time and LSN.
+    List {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The RPO actually achieved, gaps, timelines and the recoverable window (exit 0: target met
+    /// and no gaps, 1: not, 2: error).
+    Audit(AuditArgs),
+    /// Restore a base backup and set up recovery to a target.
+    Restore(Box<RestoreArgs>),
+    /// A restore drill: restore the newest backup into a scratch directory, check it with
+    /// pg_verifybackup, recover it with PostgreSQL to the end of the archive, query it, stop it.
+    /// Exit 0 passed, 1 failed.
+    Verify(VerifyArgs),
+    /// PostgreSQL restore_command: fetch WALFILE (%f) into DEST (%p).
+    WalFetch {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        /// Segments to prefetch in the background into pg_wal/walvault-prefetch (0: off).
+        #[arg(long, default_value_t = 4)]
+        prefetch: u32,
+        /// The file PostgreSQL asks for (%f).
+        walfile: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+    /// (internal) the background prefetcher started by wal-fetch.
+    #[command(hide = true)]
+    WalPrefetch {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        count: u32,
+        after: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Only commits at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only commits before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Pass/fail against this RPO (e.g. 5s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rpo_target: Option<std::time::Duration>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write an HTML report with a chart of RPO over time.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Data directory to restore into (must be empty unless --force).
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// Recover to this time (RFC 3339 or PostgreSQL's text, with a zone).
+    #[arg(long, group = "target")]
+    pub target_time: Option<String>,
+    /// Recover to this WAL position (e.g. 0/3000060).
+    #[arg(long, group = "target")]
+    pub target_lsn: Option<String>,
+    /// Recover up to this transaction id (its commit included unless --inclusive false).
+    #[arg(long, group = "target")]
+    pub target_xid: Option<u64>,
+    /// Recover to a restore point made with pg_create_restore_point().
+    #[arg(long, group = "target")]
+    pub target_name: Option<String>,
+    /// Recover everything archived.
+    #[arg(long, group = "target")]
+    pub latest: bool,
+    /// What to do at the target: promote, pause or shutdown.
+    #[arg(long, default_value = "promote")]
+    pub target_action: String,
+    /// Timeline to recover along (default: the latest descending from the backup's).
+    #[arg(long)]
+    pub target_timeline: Option<u32>,
+    /// Stop just after (true) or just before (false) the target.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub inclusive: bool,
+    /// Empty a non-empty PGDATA first (never one a running server uses).
+    #[arg(long)]
+    pub force: bool,
+    /// Give the restored directory to this user (required when running as root).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Running as root without --owner: leave the files owned by root anyway.
+    #[arg(long)]
+    pub allow_root_owned: bool,
+    /// Restore this backup instead of choosing one.
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Restore the tablespace at OLD to NEW instead (both absolute; repeatable), as
+    /// pg_basebackup --tablespace-mapping.
+    #[arg(long = "tablespace-mapping", value_name = "OLD=NEW")]
+    pub tablespace_mapping: Vec<String>,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Segments the restore_command prefetches ahead of replay (0: off).
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: u32,
+    /// Start PostgreSQL on the restored directory, wait until recovery reaches the target, and
+    /// report the last replayed commit. The server is left running.
+    #[arg(long)]
+    pub start: bool,
+    /// Directory of PostgreSQL's programs (pg_ctl, psql) for --start [default: found for the
+    /// archive's major].
+    #[arg(long)]
+    pub pg_bin: Option<PathBuf>,
+    /// Port for the started server.
+    #[arg(long, default_value_t = 5433)]
+    pub port: u16,
+    /// Socket directory for the started server.
+    #[arg(long, default_value = "/tmp")]
+    pub socket_dir: PathBuf,
+    /// Database user for the checks of --start (over the Unix socket).
+    #[arg(long, default_value = "postgres")]
+    pub pg_user: String,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Directory of PostgreSQL's programs (pg_ctl, psql, pg_verifybackup) [default: found for
+    /// the archive's major].
+    #[arg(long)]
+    pub pg_bin: Option<PathBuf>,
+    /// Scratch directory for the drill (absent or empty); default $TMPDIR/walvault-verify-<pid>.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Run PostgreSQL as this user (required when running as root); it owns the scratch directory.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Restore this backup instead of the newest.
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// A query to run on the recovered server (repeatable); the drill fails if it fails.
+    #[arg(long)]
+    pub check_sql: Vec<String>,
+    /// Keep the scratch directory after a successful drill.
+    #[arg(long)]
+    pub keep: bool,
+    /// Give up when recovery has not ended after this long.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,309 @@
+//! `walvault-recover restore`: a base backup plus archived WAL, to a point in time.
+//!
+//! Plan first, then touch the disk:
+//! 1. read the identity, the complete backups, one listing of the WAL and the history files
+//!    ([`plan::ArchiveView`]); with `--verify-key`, every object read is authenticated;
+//! 2. choose the newest backup that ends at or before the target (`--backup ID` to force one)
+//!    and the timeline path to the target ([`plan::plan`]);
+//! 3. prove, before downloading anything, that the WAL from the backup's start up to the target
+//!    is present and contiguous along that path, or say exactly which LSN is missing and what
+//!    the recoverable window is; a time target must not lie beyond the archived WAL;
+//! 4. decide where each tar archive goes ([`extract::destinations`]: tablespaces only to their
+//!    own normalised locations or a `--tablespace-mapping`) and check every destination: no
+//!    running server uses it, it is empty or `--force` may empty it ([`extract::check`]);
+//! 5. only then: empty what `--force` allows, create PGDATA with mode 0700 owned by `--owner`,
+//!    download the parts in parallel (each bounded, checksum- and signature-verified), and
+//!    unpack them with owner-only modes, the main archive first (its `pg_tblspc` links are
+//!    checked against the description before any tablespace is written);
+//! 6. store the server's `backup_manifest`, write `recovery.signal` and the recovery settings
+//!    ([`conf`]), and give everything to `--owner` (with `lchown`, never `chown` the program).
+
+pub mod conf;
+pub mod extract;
+pub mod plan;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::{FuturesOrdered, StreamExt};
+use walvault_shared::archive::backup::{ArchiveInfo, BackupDescription};
+use walvault_shared::archive::envelope::{self, ObjectKind};
+use walvault_shared::archive::names;
+use walvault_shared::archive::read::{Reader, Want};
+use walvault_shared::archive::walcat::WalObjectMeta;
+use walvault_shared::lsn::{Lsn, TimelineId};
+
+use crate::pgtools::Owner;
+use conf::{Recovery, TargetAction};
+use extract::Destination;
+use plan::{ArchiveView, PathStep, Plan, Target};
+
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub pgdata: PathBuf,
+    pub target: Target,
+    pub action: TargetAction,
+    pub target_timeline: Option<TimelineId>,
+    pub inclusive: bool,
+    pub force: bool,
+    pub owner: Option<Owner>,
+    pub backup_id: Option<String>,
+    /// The restore_command text, built by main from this binary's path and the archive flags.
+    pub restore_command: String,
+    pub parallel: usize,
+    pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+    /// Restore every tablespace to `<root>/<oid>` (drills), whatever the mapping says.
+    pub tablespace_root: Option<PathBuf>,
+}
+
+pub struct RestoreReport {
+    pub backup: BackupDescription,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub reachable: (TimelineId, Lsn),
+    /// The timeline recovery follows to the target.
+    pub timeline: TimelineId,
+    /// For a time target: the last commit at or before it (time, xid, LSN, timeline).
+    pub last_commit: Option<(DateTime<Utc>, u32, Lsn, TimelineId)>,
+    /// Whether the backup held a postgresql.conf (else an empty one was created).
+    pub had_postgresql_conf: bool,
+}
+
+/// When the WAL just before `end` on `tli` was sealed by the agent (from the object's
+/// metadata; one ranged read).
+async fn sealed_time_at(reader: &Reader, view: &ArchiveView, tli: TimelineId, end: Lsn) -> Option<DateTime<Utc>> {
+    let p = view.catalog().piece_at(tli, Lsn(end.0.checked_sub(1)?))?;
+    let kind = if p.whole_segment { ObjectKind::WalSegment } else { ObjectKind::WalChunk };
+    let (_, meta) = reader.read_meta(&p.key, kind).await.ok()?;
+    let m: WalObjectMeta = envelope::metadata_as(&p.key, &meta).ok()?;
+    // A consolidated segment keeps its chunks' times; the chunk holding `end - 1` is the last
+    // one starting before it.
+    Some(m.chunks.iter().rev().find(|c| c.start_lsn < end).map(|c| c.sealed_at).unwrap_or(m.sealed_at))
+}
+
+/// The last commit at or before `target` along `path` (up to `reach`), found from the chunk
+/// records and then exactly by reading the WAL of the chunk that holds it.
+async fn last_commit_before(
+    reader: &Reader,
+    view: &ArchiveView,
+    path: &[PathStep],
+    reach: (TimelineId, Lsn),
+    target: DateTime<Utc>,
+) -> Result<Option<(DateTime<Utc>, u32, Lsn, TimelineId)>> {
+    let seg = view.catalog().segment_size;
+    let (records, _) = reader.chunk_records(&view.listing).await?;
+    // The newest chunk on the path whose first commit is at or before the target.
+    let best = records
+        .iter()
+        .filter(|r| {
+            let Some(step) = path.iter().find(|s| s.timeline == r.timeline) else { return false };
+            let until = step.until.unwrap_or(reach.1);
+            r.start_lsn >= step.from.segment_start(seg) && r.end_lsn <= until.max(reach.1)
+        })
+        .filter(|r| r.commits.as_ref().is_some_and(|c| c.count > 0 && c.first.is_some_and(|f| f <= target)))
+        .max_by_key(|r| (r.timeline, r.end_lsn));
+    let Some(r) = best else { return Ok(None) };
+    let seg_start = r.start_lsn.segment_start(seg);
+    let wal = reader.read_wal(&view.listing, r.timeline, seg_start, r.end_lsn).await?;
+    let mut wr = walvault_shared::walreader::WalReader::new(seg_start, seg);
+    let found = wr.feed(&wal.bytes).into_iter().rfind(|e| e.is_commit() && e.time() <= target);
+    Ok(found.map(|e| (e.time(), e.xid, e.lsn, r.timeline)))
+}
+
+/// Everything restore checks before it writes anything: the plan, the target, the
+/// destinations.
+pub struct Checked {
+    pub plan: Plan,
+    pub dests: Vec<Destination>,
+    pub last_commit: Option<(DateTime<Utc>, u32, Lsn, TimelineId)>,
+}
+
+/// Steps 1–4 of the module doc: nothing is written.
+pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
+    let view = ArchiveView::load(reader).await?;
+    let plan = plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?;
+    let mut last_commit = None;
+    if let Target::Time(t) = &opts.target {
+        let t = t.with_timezone(&Utc);
+        let sealed = sealed_time_at(reader, &view, plan.reachable.0, plan.reachable.1).await;
+        plan::check_time_target(&view, &plan, t, sealed)?;
+        last_commit = last_commit_before(reader, &view, &plan.path, plan.reachable, t).await?;
+    }
+    let mapping = match &opts.tablespace_root {
+        Some(root) => extract::map_all_under(&plan.backup, root)?,
+        None => opts.tablespace_mapping.clone(),
+    };
+    let dests = extract::destinations(&plan.backup, &opts.pgdata, &mapping)?;
+    extract::check(&dests, &mapping, opts.force)?;
+    Ok(Checked { plan, dests, last_commit })
+}
+
+/// Check everything, then restore. Nothing is written before every check has passed.
+pub async fn restore(reader: &Reader, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let checked = check(reader, opts).await?;
+    apply(reader, opts, checked).await
+}
+
+/// Steps 5 and 6 of the module doc.
+pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Result<RestoreReport> {
+    let Checked { plan, dests, last_commit, .. } = checked;
+    let backup = &plan.backup;
+    let ids = opts.owner.as_ref().map(|o| (o.uid, o.gid));
+    if opts.force {
+        for d in &dests {
+            // `check` allowed this: the data directory, or a mapped tablespace destination.
+            extract::empty_dir(&d.dir)?;
+        }
+    }
+    for d in &dests {
+        extract::create_private_dir(&d.dir, ids)?;
+    }
+    let t0 = Instant::now();
+    let mut progress = Progress::new(backup.raw_bytes);
+    let links: Vec<(u32, PathBuf)> =
+        dests.iter().filter_map(|d| d.tablespace.as_ref().map(|(oid, _)| (*oid, d.dir.clone()))).collect();
+    for d in &dests {
+        let archive = &backup.archives[d.archive];
+        let seen = fetch_and_unpack(reader, backup, archive, &d.dir, &links, opts.parallel, &mut progress).await?;
+        if d.tablespace.is_none() {
+            extract::check_links(&dests, &seen)?;
+        }
+    }
+    let had_postgresql_conf = finish_data_dir(reader, backup, &opts.pgdata).await?;
+    Recovery {
+        restore_command: &opts.restore_command,
+        target: &opts.target,
+        action: opts.action,
+        inclusive: opts.inclusive,
+        target_timeline: opts.target_timeline,
+    }
+    .write(&opts.pgdata)?;
+    if let Some((uid, gid)) = ids {
+        for d in &dests {
+            extract::chown_tree(&d.dir, uid, gid)?;
+        }
+    }
+    Ok(RestoreReport {
+        backup: backup.clone(),
+        bytes: progress.done,
+        seconds: t0.elapsed().as_secs_f64(),
+        reachable: plan.reachable,
+        timeline: plan.target_timeline,
+        last_commit,
+        had_postgresql_conf,
+    })
+}
+
+/// Restore progress, printed every 2 s.
+struct Progress {
+    total: u64,
+    done: u64,
+    t0: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Progress { total, done: 0, t0: Instant::now(), last: Instant::now() }
+    }
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.last.elapsed().as_secs() >= 2 {
+            eprintln!(
+                "restore: {:.0}% ({} of {} MiB, {:.0} MiB/s)",
+                100.0 * self.done as f64 / self.total.max(1) as f64,
+                self.done >> 20,
+                self.total >> 20,
+                (self.done as f64 / (1 << 20) as f64) / self.t0.elapsed().as_secs_f64()
+            );
+            self.last = Instant::now();
+        }
+    }
+}
+
+/// A `Read` over parts arriving on a channel, for the tar extractor.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Download one tar archive's parts (`parallel` at once, each bounded by its recorded size and
+/// checked) and unpack them in order into `dest`. Returns the tablespace links seen.
+async fn fetch_and_unpack(
+    reader: &Reader,
+    backup: &BackupDescription,
+    archive: &ArchiveInfo,
+    dest: &Path,
+    links: &[(u32, PathBuf)],
+    parallel: usize,
+    progress: &mut Progress,
+) -> Result<Vec<(u32, PathBuf)>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(parallel.max(1));
+    let (dest2, links) = (dest.to_path_buf(), links.to_vec());
+    let extractor =
+        tokio::task::spawn_blocking(move || extract::unpack(ChannelReader { rx, cur: Bytes::new() }, &dest2, &links));
+    let mut fetches = FuturesOrdered::new();
+    let mut parts = archive.parts.iter();
+    loop {
+        while fetches.len() < parallel.max(1) {
+            let Some(p) = parts.next() else { break };
+            let (reader, key, want_crc, len) =
+                (reader.clone(), names::backup_part(&backup.id, p.n), p.crc32, p.plain_len);
+            fetches.push_back(async move {
+                let d = reader.read(&key, Want::part(len)).await?;
+                if d.header.plain_crc != want_crc || d.content.len() as u64 != len {
+                    bail!("object {key}: content differs from the backup description (checksum or length)\nHINT: the object was replaced or damaged; do not trust it");
+                }
+                Ok::<Bytes, anyhow::Error>(Bytes::from(d.content))
+            });
+        }
+        let Some(r) = fetches.next().await else { break };
+        let data = r?;
+        progress.add(data.len() as u64);
+        if tx.send(data).is_err() {
+            break; // the extractor failed; its error is reported below
+        }
+    }
+    drop(tx);
+    extractor.await.context("extract task")?
+}
+
+/// After the archives: a postgresql.conf if the backup had none, the server's manifest (for
+/// pg_verifybackup), pg_wal. Returns whether the backup held a postgresql.conf.
+async fn finish_data_dir(reader: &Reader, backup: &BackupDescription, pgdata: &Path) -> Result<bool> {
+    // A cluster whose postgresql.conf lived outside its data directory (Debian keeps it in
+    // /etc/postgresql) has none in the backup: PostgreSQL refuses to start without one.
+    let conf = pgdata.join("postgresql.conf");
+    let had = conf.exists();
+    if !had {
+        std::fs::write(&conf, "# Created by walvault-recover restore: the backed-up cluster kept its postgresql.conf\n# outside the data directory. Copy your settings here (port, memory, ...).\n")?;
+        eprintln!(
+            "restore: the backup has no postgresql.conf (the server kept it outside its data directory); created an empty one in {}: add your settings before starting",
+            pgdata.display()
+        );
+    }
+    let mkey = names::backup_manifest(&backup.id);
+    let manifest = reader.read(&mkey, Want::manifest(backup.manifest_bytes)).await?.content;
+    std::fs::write(pgdata.join("backup_manifest"), manifest)?;
+    std::fs::create_dir_all(pgdata.join("pg_wal"))?;
+    Ok(had)
+}
