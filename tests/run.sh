@@ -72,10 +72,36 @@ cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-run
 
 step "start SeaweedFS for the run"
+# Everything the tests create lives in one directory per run; every process they start inherits
+# WALVAULT_TEST_DIR, which is how the cleanup below finds servers left by an interrupted run.
+export WALVAULT_TEST_DIR=${WALVAULT_TEST_DIR:-$(mktemp -d /tmp/walvault-tests.XXXXXX)}
+chmod 1777 "$WALVAULT_TEST_DIR"
 endpoint_file=$(mktemp)
+passed=0
+cleanup() {
+  local rc=$?
+  set +e
+  kill "$s3_pid" 2>/dev/null; wait "$s3_pid" 2>/dev/null
+  rm -f "$endpoint_file"
+  # Servers a test started and could not stop (the run was interrupted): by their environment.
+  for p in /proc/[0-9]*; do
+    pid=${p#/proc/}
+    [ "$pid" = $$ ] && continue
+    env=$(tr '\0' '\n' 2>/dev/null <"$p/environ") || continue
+    case $'\n'"$env"$'\n' in
+      *$'\n'"WALVAULT_TEST_DIR=$WALVAULT_TEST_DIR"$'\n'*) kill -KILL "$pid" 2>/dev/null ;;
+    esac
+  done
+  if [ "$passed" = 1 ] && [ -z "${WALVAULT_KEEP_TEST_DIRS:-}" ]; then
+    rm -rf "$WALVAULT_TEST_DIR"
+  else
+    echo "test directories and logs kept in $WALVAULT_TEST_DIR" >&2
+  fi
+  exit "$rc"
+}
 "$CARGO_TARGET_DIR/debug/test-s3-server" "$endpoint_file" &
 s3_pid=$!
-trap 'kill "$s3_pid" 2>/dev/null; wait "$s3_pid" 2>/dev/null; rm -f "$endpoint_file"' EXIT
+trap cleanup EXIT
 for _ in $(seq 1 600); do
   [ -s "$endpoint_file" ] && break
   kill -0 "$s3_pid" 2>/dev/null || { echo "SeaweedFS failed to start" >&2; exit 1; }
@@ -88,4 +114,5 @@ echo "S3 endpoint: $WALVAULT_TEST_S3_ENDPOINT"
 
 step "cargo nextest run"
 cargo nextest run --workspace --locked --profile ci "${extra[@]}"
+passed=1
 step "done"

@@ -5,8 +5,9 @@
 //!   time at restore). Retention runs after each backup. A failed backup is logged (and shown in
 //!   /status) and retried at the next check after 30 s; it never stops WAL streaming.
 //! * Status: the newest complete backup *in the archive* (whoever took it: this agent, a
-//!   `walvault-agent backup` from cron, another host) is read at start and every
-//!   [`REFRESH`], so `walvault_last_backup_timestamp_seconds` is true for cron-style setups too.
+//!   `walvault-agent backup` from cron, another host) is looked up at start and every
+//!   [`REFRESH`], so `walvault_last_backup_timestamp_seconds` is true for cron-style setups too,
+//!   and the schedule counts from it.
 //!
 //! The task is owned: [`Task::start`] returns a handle whose [`Task::join`] waits for it after
 //! its token is cancelled (a backup in progress is abandoned; its leftovers are removed by the
@@ -27,8 +28,9 @@ use crate::metrics::Metrics;
 use crate::replication::conninfo::ConnParams;
 use crate::retention::{self, RetentionPolicy};
 
-/// How often the archive's newest backup is re-read for the status.
-pub const REFRESH: Duration = Duration::from_secs(60);
+/// How often the archive's newest backup is looked up for the status (one listing of
+/// `backups/`, and one read when it changed).
+pub const REFRESH: Duration = Duration::from_secs(10);
 
 /// What the task needs to take backups.
 pub struct Context {
@@ -131,9 +133,9 @@ async fn run(ctx: Context, schedule: Schedule) {
             continue; // the stream has not read the server's segment size yet
         }
         if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            match backup::complete(&reader, segment_size).await {
-                Ok(list) => {
-                    last = publish(&ctx.metrics, list.last());
+            match backup::newest(&reader, segment_size).await {
+                Ok(b) => {
+                    last = publish(&ctx.metrics, b.as_ref());
                     refreshed = Some(std::time::Instant::now());
                 }
                 Err(e) => {

@@ -62,6 +62,37 @@ pub struct Gap {
     pub timeline: TimelineId,
     pub from: Lsn,
     pub to: Lsn,
+    /// When the WAL before the gap and after it became durable (the gap's place in time).
+    #[serde(with = "walvault_shared::time::rfc3339_opt")]
+    pub from_time: Option<DateTime<Utc>>,
+    #[serde(with = "walvault_shared::time::rfc3339_opt")]
+    pub to_time: Option<DateTime<Utc>>,
+}
+
+/// What the HTML chart draws.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Chart {
+    /// `minute`, `hour` or `day`.
+    pub resolution: String,
+    pub periods: Vec<Period>,
+    /// Backups (id, stop time) inside the charted span.
+    pub backups: Vec<(String, String)>,
+    /// The recoverable window: the first backup's end to the newest durable WAL.
+    #[serde(with = "walvault_shared::time::rfc3339_opt")]
+    pub recoverable_from: Option<DateTime<Utc>>,
+    #[serde(with = "walvault_shared::time::rfc3339_opt")]
+    pub recoverable_to: Option<DateTime<Utc>>,
+}
+
+/// The period length for a span: minutes up to 6 hours, hours up to 6 days, then days.
+fn resolution(span: chrono::Duration) -> (&'static str, i64, &'static str) {
+    if span <= chrono::Duration::hours(6) {
+        ("minute", 60, "%Y-%m-%dT%H:%MZ")
+    } else if span <= chrono::Duration::days(6) {
+        ("hour", 3600, "%Y-%m-%dT%H:00Z")
+    } else {
+        ("day", 86400, "%Y-%m-%d")
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +113,9 @@ pub struct AuditReport {
     pub timelines: Vec<serde_json::Value>,
     pub recoverable_from: Option<String>,
     pub recoverable_to_lsn: Option<Lsn>,
+    /// The chart: periods of a length that fits the audited span (minutes for hours, hours for
+    /// days, days beyond), with the backups and gaps that fall in it.
+    pub chart: Chart,
     pub objects_read: usize,
     pub chunk_records: usize,
     pub records_without_commit_data: usize,
@@ -200,7 +234,20 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
     for tli in cat.timelines.keys() {
         let ranges = cat.ranges(*tli);
         for w in ranges.windows(2) {
-            gaps.push(Gap { timeline: *tli, from: w[0].1, to: w[1].0 });
+            let durable_near = |lsn: Lsn, before: bool| {
+                records
+                    .iter()
+                    .filter(|r| r.timeline == *tli && if before { r.end_lsn == lsn } else { r.start_lsn == lsn })
+                    .map(|r| r.durable_at)
+                    .next()
+            };
+            gaps.push(Gap {
+                timeline: *tli,
+                from: w[0].1,
+                to: w[1].0,
+                from_time: durable_near(w[0].1, true),
+                to_time: durable_near(w[1].0, false),
+            });
         }
         timelines.push(serde_json::json!({
             "timeline": tli,
@@ -209,6 +256,7 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
         }));
     }
     let backups = backup::complete(reader, seg).await.unwrap_or_default();
+    let chart = chart(&all, &backups, &records);
     let last_tli = cat.highest_timeline();
     let recoverable_to_lsn = last_tli.and_then(|t| cat.ranges(t).last().map(|r| r.1));
     let mut all_w: Vec<(f64, f64)> = all.iter().map(|x| (x.1, x.2)).collect();
@@ -236,11 +284,40 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
             .first()
             .map(|b| format!("{} ({}, backup {})", b.stop_lsn, walvault_shared::time::text(b.stop_time), b.id)),
         recoverable_to_lsn,
+        chart,
         objects_read,
         chunk_records: records.len(),
         records_without_commit_data: without,
         pass,
     })
+}
+
+/// Bucket the samples at a resolution that fits their span.
+fn chart(
+    all: &[Sample],
+    backups: &[walvault_shared::archive::backup::BackupDescription],
+    records: &[ChunkRecord],
+) -> Chart {
+    let (Some(first), Some(last)) = (all.iter().map(|s| s.0).min(), all.iter().map(|s| s.0).max()) else {
+        return Chart::default();
+    };
+    let (name, secs, fmt) = resolution(last - first);
+    let mut buckets: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
+    for s in all {
+        buckets.entry(s.0.timestamp().div_euclid(secs)).or_default().push(*s);
+    }
+    let key = |k: i64| DateTime::from_timestamp(k * secs, 0).unwrap_or_default().format(fmt).to_string();
+    Chart {
+        resolution: name.to_string(),
+        periods: buckets.into_iter().map(|(k, v)| period(key(k), &v)).collect(),
+        backups: backups
+            .iter()
+            .filter(|b| b.stop_time >= first && b.stop_time <= last)
+            .map(|b| (b.id.clone(), walvault_shared::time::text(b.stop_time)))
+            .collect(),
+        recoverable_from: backups.first().map(|b| b.stop_time),
+        recoverable_to: records.iter().map(|r| r.durable_at).max(),
+    }
 }
 
 pub fn table(r: &AuditReport) -> String {
@@ -307,48 +384,164 @@ pub fn table(r: &AuditReport) -> String {
     s
 }
 
-/// A self-contained HTML page: an SVG bar chart of the maximum (bars) and p99 (line) RPO per
-/// hour, with the RPO target as a red line, and the report's tables.
+/// A self-contained HTML page: an SVG chart of the maximum (bars) and p99 (line) RPO per
+/// period (minutes, hours or days, whichever fits the span), the RPO target (red line), backups
+/// (green ticks), gaps (grey bands) and the recoverable window (blue band under the axis), then
+/// the report's tables. The SVG scales to the page width; long lines wrap.
 pub fn html(r: &AuditReport) -> String {
-    let (w, h, pad) = (960.0, 320.0, 40.0);
-    let n = r.per_hour.len().max(1) as f64;
-    let ymax = r.per_hour.iter().map(|p| p.max_rpo_s).fold(r.rpo_target_s.unwrap_or(1.0), f64::max).max(0.001) * 1.1;
-    let bw = (w - 2.0 * pad) / n;
-    let y = |v: f64| h - pad - (v / ymax) * (h - 2.0 * pad);
+    let (w, h, pad, bottom) = (960.0, 340.0, 48.0, 60.0);
+    let periods = &r.chart.periods;
+    let parse = |s: &str| -> Option<DateTime<Utc>> {
+        walvault_shared::time::parse(s)
+            .or_else(|| {
+                chrono::NaiveDateTime::parse_from_str(&format!("{s}:00"), "%Y-%m-%dT%H:%MZ:%S")
+                    .ok()
+                    .map(|t| t.and_utc())
+            })
+            .or_else(|| {
+                chrono::NaiveDateTime::parse_from_str(&format!("{s}T00:00"), "%Y-%m-%dT%H:%M").ok().map(|t| t.and_utc())
+            })
+    };
+    let step = match r.chart.resolution.as_str() {
+        "minute" => 60,
+        "hour" => 3600,
+        _ => 86400,
+    };
+    let starts: Vec<Option<DateTime<Utc>>> = periods.iter().map(|p| parse(&p.start)).collect();
+    let t0 = starts.iter().flatten().min().copied().unwrap_or_default();
+    let t1 = starts.iter().flatten().max().copied().unwrap_or(t0) + chrono::Duration::seconds(step);
+    let span = (t1 - t0).num_seconds().max(1) as f64;
+    let x =
+        |t: DateTime<Utc>| pad + ((t - t0).num_milliseconds() as f64 / 1000.0 / span).clamp(0.0, 1.0) * (w - 2.0 * pad);
+    let bw = ((w - 2.0 * pad) * step as f64 / span).max(1.0);
+    let ymax = periods.iter().map(|p| p.max_rpo_s).fold(r.rpo_target_s.unwrap_or(1.0), f64::max).max(0.001) * 1.1;
+    let y = |v: f64| h - bottom - (v / ymax) * (h - bottom - pad);
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('\'', "&#39;");
     let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>"
+        "<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {w} {h}' width='100%' style='max-width:{w}px' font-family='sans-serif' font-size='11'>"
     );
-    let _ = write!(svg, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#333'/>", h - pad, w - pad, h - pad);
-    let _ = write!(svg, "<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#333'/>", h - pad);
-    let _ = write!(svg, "<text x='4' y='{}'>{ymax:.1}s</text><text x='4' y='{}'>0</text>", pad, h - pad);
+    // The recoverable window under the axis, gaps behind the bars.
+    if let (Some(a), Some(b)) = (r.chart.recoverable_from, r.chart.recoverable_to) {
+        let (xa, xb) = (x(a.max(t0)), x(b.min(t1)));
+        if xb > xa {
+            let _ = write!(svg, "<rect x='{xa:.1}' y='{:.1}' width='{:.1}' height='6' fill='#9cc3ff'><title>recoverable from {} to {}</title></rect>", h - bottom + 4.0, xb - xa, walvault_shared::time::text(a), walvault_shared::time::text(b));
+        }
+    }
+    for g in &r.gaps {
+        if let (Some(a), Some(b)) = (g.from_time, g.to_time) {
+            let (xa, xb) = (x(a), x(b));
+            let _ = write!(svg, "<rect x='{xa:.1}' y='{pad}' width='{:.1}' height='{:.1}' fill='#ccc'><title>gap: WAL {}..{} missing (timeline {})</title></rect>", (xb - xa).max(2.0), h - bottom - pad, g.from, g.to, g.timeline);
+        }
+    }
+    let _ = write!(svg, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#333'/>", h - bottom, w - pad, h - bottom);
+    let _ = write!(svg, "<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#333'/>", h - bottom);
+    let _ = write!(svg, "<text x='4' y='{}'>{ymax:.1}s</text><text x='4' y='{}'>0</text>", pad, h - bottom);
     let mut line = String::new();
-    for (i, p) in r.per_hour.iter().enumerate() {
-        let x = pad + i as f64 * bw;
-        let _ = write!(svg, "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{:.1}' fill='#4a7bd0'><title>{} max {:.2}s p99 {:.2}s p50 {:.2}s, {} commits</title></rect>", x + 1.0, y(p.max_rpo_s), (bw - 2.0).max(1.0), (h - pad - y(p.max_rpo_s)).max(0.0), p.start, p.max_rpo_s, p.p99_rpo_s, p.p50_rpo_s, p.commits);
-        let _ = write!(line, "{:.1},{:.1} ", x + bw / 2.0, y(p.p99_rpo_s));
+    for (p, t) in periods.iter().zip(&starts) {
+        let Some(t) = t else { continue };
+        let bx = x(*t);
+        let _ = write!(svg, "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{:.1}' fill='#4a7bd0'><title>{} max {:.2}s p99 {:.2}s p50 {:.2}s, {} commits</title></rect>", bx + 0.5, y(p.max_rpo_s), (bw - 1.0).max(1.0), (h - bottom - y(p.max_rpo_s)).max(0.0), esc(&p.start), p.max_rpo_s, p.p99_rpo_s, p.p50_rpo_s, p.commits);
+        let _ = write!(line, "{:.1},{:.1} ", bx + bw / 2.0, y(p.p99_rpo_s));
     }
     let _ = write!(svg, "<polyline points='{line}' fill='none' stroke='#e8a33d' stroke-width='2'/>");
+    for (id, t) in &r.chart.backups {
+        if let Some(t) = walvault_shared::time::parse(t) {
+            let bx = x(t);
+            let _ = write!(svg, "<line x1='{bx:.1}' y1='{pad}' x2='{bx:.1}' y2='{}' stroke='#2a9d3a' stroke-dasharray='2'><title>backup {}</title></line>", h - bottom, esc(id));
+        }
+    }
     if let Some(t) = r.rpo_target_s {
-        let _ = write!(svg, "<line x1='{pad}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='red' stroke-dasharray='4'/><text x='{}' y='{:.1}' fill='red'>target {t:.1}s</text>", y(t), w - pad, y(t), w - pad - 70.0, y(t) - 3.0);
+        let _ = write!(svg, "<line x1='{pad}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='red' stroke-dasharray='4'/><text x='{}' y='{:.1}' fill='red' text-anchor='end'>target {t:.1}s</text>", y(t), w - pad, y(t), w - pad, y(t) - 3.0);
     }
-    if let (Some(first), Some(last)) = (r.per_hour.first(), r.per_hour.last()) {
-        let _ = write!(
-            svg,
-            "<text x='{pad}' y='{}'>{}</text><text x='{}' y='{}' text-anchor='end'>{}</text>",
-            h - 10.0,
-            first.start,
-            w - pad,
-            h - 10.0,
-            last.start
-        );
+    // Time axis: five ticks, labelled at the chart's resolution.
+    let fmt = match r.chart.resolution.as_str() {
+        "minute" => "%H:%M",
+        "hour" => "%m-%d %H:00",
+        _ => "%Y-%m-%d",
+    };
+    for i in 0..=4 {
+        let t = t0 + chrono::Duration::seconds((span * i as f64 / 4.0) as i64);
+        let tx = x(t);
+        let anchor = match i {
+            0 => "start",
+            4 => "end",
+            _ => "middle",
+        };
+        let _ = write!(svg, "<line x1='{tx:.1}' y1='{}' x2='{tx:.1}' y2='{}' stroke='#333'/><text x='{tx:.1}' y='{}' text-anchor='{anchor}'>{}</text>", h - bottom, h - bottom + 3.0, h - bottom + 24.0, t.format(fmt));
     }
+    let _ = write!(
+        svg,
+        "<text x='{pad}' y='{}'>UTC, one bar per {}; from {} to {}</text>",
+        h - 8.0,
+        r.chart.resolution,
+        t0.format("%Y-%m-%d %H:%M"),
+        t1.format("%Y-%m-%d %H:%M")
+    );
     svg.push_str("</svg>");
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
     format!(
-        "<!doctype html><html><head><meta charset='utf-8'><title>walvault RPO audit</title></head><body style='font-family:sans-serif'>\
-         <h1>Achieved RPO: {}</h1><p>Bars: maximum RPO per hour; orange line: p99; red: target. Achieved RPO of a commit = \
-         when its WAL became durable in the archive − its commit time.</p>{svg}<pre>{}</pre></body></html>",
+        "<!doctype html><html><head><meta charset='utf-8'><title>walvault RPO audit</title>\
+         <style>body{{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 1em}}pre{{white-space:pre-wrap;overflow-wrap:anywhere}}</style></head><body>\
+         <h1>Achieved RPO: {}</h1><p>Bars: maximum RPO per {}; orange line: p99; red: target; green: backups; grey: gaps \
+         (missing WAL); blue under the axis: the recoverable window. Achieved RPO of a commit = when its WAL became durable \
+         in the archive − its commit time.</p>{svg}<pre>{}</pre></body></html>",
         esc(&r.archive),
+        r.chart.resolution,
         esc(&table(r))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_resolution_fits_the_span() {
+        assert_eq!(resolution(chrono::Duration::minutes(40)).0, "minute");
+        assert_eq!(resolution(chrono::Duration::days(2)).0, "hour");
+        assert_eq!(resolution(chrono::Duration::days(30)).0, "day");
+    }
+
+    #[test]
+    fn a_short_period_is_drawn_in_minutes_with_its_backups_and_no_overflow() {
+        let t = |m: i64| walvault_shared::time::parse("2026-11-26T14:00:00Z").unwrap() + chrono::Duration::minutes(m);
+        let samples: Vec<Sample> = (0..30).map(|m| (t(m), 0.5 + m as f64 / 100.0, 1.0)).collect();
+        let c = chart(&samples, &[], &[]);
+        assert_eq!(c.resolution, "minute");
+        assert_eq!(c.periods.len(), 30);
+        assert_eq!(c.periods[0].start, "2026-11-26T14:00Z");
+        let r = AuditReport {
+            archive: "file:///x".into(),
+            since: None,
+            until: None,
+            commits: 30,
+            max_rpo_s: Some(0.8),
+            p99_rpo_s: Some(0.8),
+            p50_rpo_s: Some(0.6),
+            rpo_target_s: Some(1.0),
+            target_met: Some(true),
+            per_day: vec![],
+            per_hour: vec![],
+            worst_windows: vec![],
+            gaps: vec![Gap {
+                timeline: TimelineId(1),
+                from: Lsn(1),
+                to: Lsn(2),
+                from_time: Some(t(10)),
+                to_time: Some(t(12)),
+            }],
+            timelines: vec![],
+            recoverable_from: None,
+            recoverable_to_lsn: None,
+            chart: Chart { backups: vec![("20261126T141500Z".into(), walvault_shared::time::text(t(15)))], ..c },
+            objects_read: 0,
+            chunk_records: 0,
+            records_without_commit_data: 0,
+            pass: true,
+        };
+        let page = html(&r);
+        assert!(page.contains("one bar per minute") && page.contains(">14:00<") && page.contains(">14:30<"), "{page}");
+        assert!(page.contains("backup 20261126T141500Z") && page.contains("gap: WAL"));
+        assert!(page.contains("viewBox") && page.contains("overflow-wrap:anywhere"));
+        assert_eq!(page.matches("<rect").count(), 31, "30 bars and a gap band");
+    }
 }

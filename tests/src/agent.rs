@@ -200,6 +200,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        if !crate::keep_for("the agent's log", &self.log) {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

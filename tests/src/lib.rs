@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 pub mod agent;
+pub mod cli;
 pub mod pg;
 pub mod s3server;
 
@@ -20,6 +21,20 @@ pub fn test_root() -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1777));
     Ok(root)
+}
+
+/// Whether a test's directories and logs are kept: always with `WALVAULT_KEEP_TEST_DIRS=1`,
+/// and when the test is failing (the thread is panicking), so that its logs can be read; the
+/// kept path is printed.
+pub fn keep_for(what: &str, path: &std::path::Path) -> bool {
+    if std::env::var_os("WALVAULT_KEEP_TEST_DIRS").is_some() {
+        return true;
+    }
+    if std::thread::panicking() {
+        eprintln!("test failed: kept {what} at {}", path.display());
+        return true;
+    }
+    false
 }
 
 /// A new local archive for one test: `(its temp dir, the archive URL, the archive root)`.

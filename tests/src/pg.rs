@@ -395,7 +395,7 @@ impl Drop for PgCluster {
                 let _ = self.kill9();
             }
         }
-        if std::env::var_os("WALVAULT_KEEP_TEST_DIRS").is_none() {
+        if !crate::keep_for(&format!("cluster {} (log {})", self.name, self.log.display()), &self.dir) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -213,7 +213,7 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.kill();
         if let Some(d) = &self.dir {
-            if std::env::var_os("WALVAULT_KEEP_TEST_DIRS").is_none() {
+            if !crate::keep_for("SeaweedFS's directory and logs", d) {
                 let _ = std::fs::remove_dir_all(d);
             }
         }

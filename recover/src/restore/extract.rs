@@ -205,7 +205,9 @@ pub fn unpack(reader: impl Read, dest: &Path, links: &[(u32, PathBuf)]) -> Resul
             let target = entry.link_name()?.context("tablespace link without a target")?.into_owned();
             seen.push((oid, target));
             if let Some((_, to)) = links.iter().find(|(o, _)| *o == oid) {
-                let at = dest.join(&path);
+                let dir = dest.join("pg_tblspc");
+                std::fs::create_dir_all(&dir)?;
+                let at = dir.join(oid.to_string());
                 std::os::unix::fs::symlink(to, &at)
                     .with_context(|| format!("link {} -> {}", at.display(), to.display()))?;
             }

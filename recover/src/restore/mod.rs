@@ -159,14 +159,14 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
             extract::empty_dir(&d.dir)?;
         }
     }
-    for d in &dests {
-        extract::create_private_dir(&d.dir, ids)?;
-    }
     let t0 = Instant::now();
     let mut progress = Progress::new(backup.raw_bytes);
     let links: Vec<(u32, PathBuf)> =
         dests.iter().filter_map(|d| d.tablespace.as_ref().map(|(oid, _)| (*oid, d.dir.clone()))).collect();
+    // The main archive comes first: a tablespace directory is created only once base.tar's own
+    // links have confirmed where it goes.
     for d in &dests {
+        extract::create_private_dir(&d.dir, ids)?;
         let archive = &backup.archives[d.archive];
         let seen = fetch_and_unpack(reader, backup, archive, &d.dir, &links, opts.parallel, &mut progress).await?;
         if d.tablespace.is_none() {

@@ -133,6 +133,23 @@ async fn read_lock(reader: &Reader, id: &str) -> anyhow::Result<BackupLock> {
     Ok(reader.read(&key, Want::DESCRIPTION).await?.metadata_as(&key)?)
 }
 
+/// The newest complete backup, by id (ids are start times), reading one description: one
+/// listing and one read, for status checks that run often.
+pub async fn newest(reader: &Reader, segment_size: u64) -> anyhow::Result<Option<BackupDescription>> {
+    let objects = reader.store().list_all(names::BACKUPS_PREFIX).await?;
+    let newest = objects
+        .iter()
+        .filter_map(|o| match names::parse(&o.key, segment_size) {
+            Some(ArchiveKey::BackupDescription { id }) => Some(id),
+            _ => None,
+        })
+        .max();
+    match newest {
+        Some(id) => Ok(Some(read_description(reader, &id).await?)),
+        None => Ok(None),
+    }
+}
+
 /// Complete backups only, oldest first.
 pub async fn complete(reader: &Reader, segment_size: u64) -> anyhow::Result<Vec<BackupDescription>> {
     Ok(list(reader, segment_size)

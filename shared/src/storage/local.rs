@@ -77,8 +77,11 @@ impl LocalStore {
     /// a user that cannot write there, e.g. PostgreSQL's restore_command).
     pub fn open_existing(root: &Path) -> anyhow::Result<Self> {
         let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
-        match std::fs::metadata(&root) {
-            Ok(m) if m.is_dir() => {}
+        let mode = match std::fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode()
+            }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => anyhow::bail!(
                 "archive directory {} is not readable by this user\nHINT: it and its parent directories need r-x for this user",
                 root.display()
@@ -87,8 +90,8 @@ impl LocalStore {
                 "archive directory {} does not exist\nHINT: check the archive URL (file:///path or a plain path)",
                 root.display()
             ),
-        }
-        let (dir_mode, file_mode) = modes_for(0);
+        };
+        let (dir_mode, file_mode) = modes_for(mode);
         Ok(LocalStore { root, dir_mode, file_mode })
     }
 

@@ -5,6 +5,8 @@ mod agent_stream;
 mod audit;
 mod backup_restore;
 mod harness;
+mod operator;
+mod security;
 mod storage_conformance;
 mod verify;
 mod walreader_vs_waldump;
