@@ -145,7 +145,7 @@ async fn claim_id(writer: &Writer) -> Result<(String, chrono::DateTime<chrono::U
     let store = writer.store();
     let mut started = walvault_shared::time::now();
     let mut id = names::backup_id(started);
-    while !store.list_all(&format!("{}{id}/", names::BACKUPS_PREFIX)).await?.is_empty() {
+    while !store.list_all(&names::backup_dir(&id)).await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         started = walvault_shared::time::now();
         id = names::backup_id(started);

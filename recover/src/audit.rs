@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use walvault_shared::archive::backup;
 use walvault_shared::archive::read::Reader;
-use walvault_shared::archive::walcat::ChunkRecord;
+use walvault_shared::archive::walcat::{ChunkRecord, WalCatalog};
 use walvault_shared::lsn::{Lsn, TimelineId};
 
 pub struct AuditOptions {
@@ -182,37 +182,57 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
     let cat = &listing.catalog;
     let (records, objects_read) = reader.chunk_records(&listing).await?;
     let in_period = |t: DateTime<Utc>| opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u);
-    let mut samples: Vec<(Sample, usize)> = Vec::new();
-    let mut without = 0;
-    for (i, r) in records.iter().enumerate() {
-        if r.commits.is_none() {
-            without += 1;
-        }
-        for s in samples_of(r) {
-            if in_period(s.0) {
-                samples.push((s, i));
-            }
-        }
+    let all: Vec<Sample> = records.iter().flat_map(samples_of).filter(|s| in_period(s.0)).collect();
+    let (gaps, timelines) = gaps_and_timelines(cat, &records);
+    let backups = backup::complete(reader, seg).await.unwrap_or_default();
+    let mut all_w: Vec<(f64, f64)> = all.iter().map(|x| (x.1, x.2)).collect();
+    let max = all.iter().map(|x| x.1).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let target = opts.rpo_target.map(|d| d.as_secs_f64());
+    let target_met = target.map(|t| max.is_none_or(|m| m <= t));
+    Ok(AuditReport {
+        archive: reader.url(),
+        since: opts.since.map(|t| t.to_rfc3339()),
+        until: opts.until.map(|t| t.to_rfc3339()),
+        commits: all.iter().map(|x| x.2).sum::<f64>().round() as u64,
+        max_rpo_s: max,
+        p99_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.99)),
+        p50_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.50)),
+        rpo_target_s: target,
+        target_met,
+        per_day: periods(&all, 86400, "%Y-%m-%d"),
+        per_hour: periods(&all, 3600, "%Y-%m-%dT%H:00Z"),
+        worst_windows: worst_windows(&records, &in_period),
+        pass: gaps.is_empty() && target_met.unwrap_or(true),
+        gaps,
+        timelines,
+        recoverable_from: backups
+            .first()
+            .map(|b| format!("{} ({}, backup {})", b.stop_lsn, walvault_shared::time::text(b.stop_time), b.id)),
+        recoverable_to_lsn: cat.highest_timeline().and_then(|t| cat.ranges(t).last().map(|r| r.1)),
+        chart: chart(&all, &backups, &records),
+        objects_read,
+        chunk_records: records.len(),
+        records_without_commit_data: records.iter().filter(|r| r.commits.is_none()).count(),
+    })
+}
+
+/// The samples bucketed by whole periods of `secs` since the epoch, labelled with `fmt`.
+fn periods(all: &[Sample], secs: i64, fmt: &str) -> Vec<Period> {
+    let mut buckets: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
+    for s in all {
+        buckets.entry(s.0.timestamp().div_euclid(secs)).or_default().push(*s);
     }
-    let all: Vec<Sample> = samples.iter().map(|x| x.0).collect();
-    // Bucket by whole hours/days since the epoch; format the keys once per bucket.
-    let mut per_day: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
-    let mut per_hour: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
-    for s in &all {
-        let secs = s.0.timestamp();
-        per_day.entry(secs.div_euclid(86400)).or_default().push(*s);
-        per_hour.entry(secs.div_euclid(3600)).or_default().push(*s);
-    }
-    let key = |secs: i64, f: &str| DateTime::from_timestamp(secs, 0).unwrap_or_default().format(f).to_string();
-    // Worst windows: the chunks whose earliest commit waited longest.
+    let key = |k: i64| DateTime::from_timestamp(k * secs, 0).unwrap_or_default().format(fmt).to_string();
+    buckets.into_iter().map(|(k, v)| period(key(k), &v)).collect()
+}
+
+/// The five chunks whose earliest commit (in the period) waited longest.
+fn worst_windows(records: &[ChunkRecord], in_period: &dyn Fn(DateTime<Utc>) -> bool) -> Vec<Window> {
     let mut worst: Vec<Window> = records
         .iter()
         .filter_map(|r| {
             let c = r.commits.as_ref()?;
-            let f = c.first?;
-            if !in_period(f) {
-                return None;
-            }
+            let f = c.first.filter(|f| in_period(*f))?;
             let d = r.durable_at;
             Some(Window {
                 timeline: r.timeline,
@@ -228,19 +248,23 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
         .collect();
     worst.sort_by(|a, b| b.max_rpo_s.partial_cmp(&a.max_rpo_s).unwrap_or(std::cmp::Ordering::Equal));
     worst.truncate(5);
-    // Gaps and timelines.
+    worst
+}
+
+/// Gaps (missing LSN ranges between archived WAL, each placed in time by the durable times of
+/// the WAL around it) and a summary per timeline.
+fn gaps_and_timelines(cat: &WalCatalog, records: &[ChunkRecord]) -> (Vec<Gap>, Vec<serde_json::Value>) {
     let mut gaps = Vec::new();
     let mut timelines = Vec::new();
     for tli in cat.timelines.keys() {
         let ranges = cat.ranges(*tli);
+        let durable_near = |lsn: Lsn, before: bool| {
+            records
+                .iter()
+                .find(|r| r.timeline == *tli && if before { r.end_lsn == lsn } else { r.start_lsn == lsn })
+                .map(|r| r.durable_at)
+        };
         for w in ranges.windows(2) {
-            let durable_near = |lsn: Lsn, before: bool| {
-                records
-                    .iter()
-                    .filter(|r| r.timeline == *tli && if before { r.end_lsn == lsn } else { r.start_lsn == lsn })
-                    .map(|r| r.durable_at)
-                    .next()
-            };
             gaps.push(Gap {
                 timeline: *tli,
                 from: w[0].1,
@@ -255,41 +279,7 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
             "wal": ranges.iter().map(|r| serde_json::json!({"start": r.0, "end": r.1})).collect::<Vec<_>>(),
         }));
     }
-    let backups = backup::complete(reader, seg).await.unwrap_or_default();
-    let chart = chart(&all, &backups, &records);
-    let last_tli = cat.highest_timeline();
-    let recoverable_to_lsn = last_tli.and_then(|t| cat.ranges(t).last().map(|r| r.1));
-    let mut all_w: Vec<(f64, f64)> = all.iter().map(|x| (x.1, x.2)).collect();
-    let commits = all.iter().map(|x| x.2).sum::<f64>().round() as u64;
-    let max = all.iter().map(|x| x.1).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-    let target = opts.rpo_target.map(|d| d.as_secs_f64());
-    let target_met = target.map(|t| max.is_none_or(|m| m <= t));
-    let pass = gaps.is_empty() && target_met.unwrap_or(true);
-    Ok(AuditReport {
-        archive: reader.url(),
-        since: opts.since.map(|t| t.to_rfc3339()),
-        until: opts.until.map(|t| t.to_rfc3339()),
-        commits,
-        max_rpo_s: max,
-        p99_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.99)),
-        p50_rpo_s: (!all_w.is_empty()).then(|| weighted_percentile(&mut all_w, 0.50)),
-        rpo_target_s: target,
-        target_met,
-        per_day: per_day.into_iter().map(|(k, v)| period(key(k * 86400, "%Y-%m-%d"), &v)).collect(),
-        per_hour: per_hour.into_iter().map(|(k, v)| period(key(k * 3600, "%Y-%m-%dT%H:00Z"), &v)).collect(),
-        worst_windows: worst,
-        gaps,
-        timelines,
-        recoverable_from: backups
-            .first()
-            .map(|b| format!("{} ({}, backup {})", b.stop_lsn, walvault_shared::time::text(b.stop_time), b.id)),
-        recoverable_to_lsn,
-        chart,
-        objects_read,
-        chunk_records: records.len(),
-        records_without_commit_data: without,
-        pass,
-    })
+    (gaps, timelines)
 }
 
 /// Bucket the samples at a resolution that fits their span.
@@ -302,14 +292,9 @@ fn chart(
         return Chart::default();
     };
     let (name, secs, fmt) = resolution(last - first);
-    let mut buckets: BTreeMap<i64, Vec<Sample>> = BTreeMap::new();
-    for s in all {
-        buckets.entry(s.0.timestamp().div_euclid(secs)).or_default().push(*s);
-    }
-    let key = |k: i64| DateTime::from_timestamp(k * secs, 0).unwrap_or_default().format(fmt).to_string();
     Chart {
         resolution: name.to_string(),
-        periods: buckets.into_iter().map(|(k, v)| period(key(k), &v)).collect(),
+        periods: periods(all, secs, fmt),
         backups: backups
             .iter()
             .filter(|b| b.stop_time >= first && b.stop_time <= last)

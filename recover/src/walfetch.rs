@@ -16,12 +16,11 @@
 //!   PostgreSQL treats exit codes above 125 as fatal and stops recovery, instead of taking the
 //!   failure for the end of WAL and promoting early with data missing.
 
-use std::io::Write;
 use std::path::Path;
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use walvault_shared::archive::names;
 use walvault_shared::archive::read::{Reader, WalListing, Want};
 use walvault_shared::wal::{SegmentName, WalFileName};
@@ -51,7 +50,7 @@ async fn segment(reader: &Reader, seg: &SegmentName, segment_size: u64) -> Resul
         return Ok(Some(d.content));
     }
     // Chunks only: the newest, not yet complete segment (or one whose consolidation is pending).
-    let objects = reader.store().list_all(&format!("{key}.")).await?;
+    let objects = reader.store().list_all(&names::chunks_of(seg, segment_size)).await?;
     let listing = WalListing::new(objects, segment_size);
     let start = seg.start_lsn(segment_size);
     let end = listing.catalog.contiguous_end(seg.timeline, start);
@@ -117,29 +116,11 @@ fn spawn_prefetcher(archive: &ArchiveArgs, spool: &Path, after: &str, count: u32
     let _ = c.spawn();
 }
 
-/// Write `data` to `dest` atomically (temp name, fsync, rename, fsync dir).
-pub fn write_atomically(dest: &Path, data: &[u8]) -> Result<()> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.walvault-tmp", dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")));
-    let r = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(data).with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dest).with_context(|| format!("rename to {}", dest.display()))?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
-}
-
 pub async fn fetch(reader: &Reader, file: &str, dest: &Path, segment_size: u64) -> Result<Fetched> {
     match content(reader, file, segment_size).await? {
         None => Ok(Fetched::NotInArchive),
         Some(c) => {
-            write_atomically(dest, &c)?;
+            walvault_shared::fsutil::write_atomically(dest, &c, 0o600)?;
             Ok(Fetched::Written)
         }
     }
@@ -218,7 +199,7 @@ pub async fn prefetch(
     for (name, r) in fetches {
         match r {
             Ok(Some(d)) if d.content.len() as u64 == segment_size => {
-                write_atomically(&spool.join(&name), &d.content)?;
+                walvault_shared::fsutil::write_atomically(&spool.join(&name), &d.content, 0o600)?;
                 n += 1;
             }
             // Not (yet) a whole segment, or unreadable: PostgreSQL will ask wal-fetch for it

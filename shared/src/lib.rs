@@ -10,10 +10,12 @@
 //!   fault-injecting wrapper, the retry helper.
 //! * [`time`]: how times are stored (RFC 3339, µs) and PostgreSQL's epoch.
 //! * [`exit`]: the exit codes both binaries share.
+//! * [`fsutil`]: crash-safe file writes.
 #![deny(unsafe_code)]
 
 pub mod archive;
 pub mod exit;
+pub mod fsutil;
 pub mod lsn;
 pub mod storage;
 pub mod time;

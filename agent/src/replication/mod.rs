@@ -20,7 +20,7 @@
 pub mod conninfo;
 pub mod tls;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -124,9 +124,7 @@ const SMALL_READ: usize = 8 << 10;
 
 /// Microseconds since 2000-01-01 00:00:00 UTC, PostgreSQL's epoch.
 pub fn pg_now_micros() -> i64 {
-    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (now.as_micros() as i64) - (PG_EPOCH_UNIX_SECS as i64) * 1_000_000
+    walvault_shared::time::to_pg(chrono::Utc::now())
 }
 
 impl Connection {

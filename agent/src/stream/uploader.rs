@@ -259,7 +259,7 @@ impl Uploader {
                 );
                 upload_segment(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
                 metrics.segments_archived.inc();
-                delete_chunks_of(&writer, &key).await;
+                delete_chunks_of(&writer, &key, &names::chunks_of(&segment, cfg.segment_size)).await;
                 Ok::<Done, UploadStop>(Done::Segment)
             }));
         }
@@ -289,6 +289,13 @@ impl Uploader {
     }
 }
 
+/// Whatever ends the uploader (done, split brain, cancelled): uploads still in flight stop.
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// Compress a chunk and seal it, off the async thread: its frame (kept for the segment) and the
 /// object to upload.
 async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, data: Bytes, level: i32) -> (Frame, Bytes) {
@@ -313,11 +320,10 @@ async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, data: Byte
 
 /// The segment's chunks are now redundant: delete them (best effort; leftovers are removed at
 /// the next start).
-async fn delete_chunks_of(writer: &Writer, segment_key: &str) {
+async fn delete_chunks_of(writer: &Writer, segment_key: &str, prefix: &str) {
     let store = writer.store();
-    let prefix = format!("{segment_key}.");
     let policy = RetryPolicy::attempts(5);
-    match policy.run(&format!("list chunks of {segment_key}"), || store.list_all(&prefix)).await {
+    match policy.run(&format!("list chunks of {segment_key}"), || store.list_all(prefix)).await {
         Ok(list) => {
             let keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
             if let Err(e) = policy.run(&format!("delete chunks of {segment_key}"), || store.delete(&keys)).await {

@@ -165,7 +165,6 @@ pub async fn complete(reader: &Reader, segment_size: u64) -> anyhow::Result<Vec<
 /// Delete every object of a backup (description first, so it stops looking complete at once).
 pub async fn delete_backup(store: &dyn ObjectStore, id: &str) -> Result<(), StorageError> {
     store.delete(&[names::backup_description(id)]).await?;
-    let keys: Vec<String> =
-        store.list_all(&format!("{}{id}/", names::BACKUPS_PREFIX)).await?.into_iter().map(|m| m.key).collect();
+    let keys: Vec<String> = store.list_all(&names::backup_dir(id)).await?.into_iter().map(|m| m.key).collect();
     store.delete(&keys).await
 }

@@ -61,7 +61,7 @@ pub async fn rollup(writer: &Writer, today: &str) -> anyhow::Result<()> {
     let store = writer.store();
     let reader = Reader::new(store.clone(), None);
     let mut by_day: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for o in store.list_all("index/batch/").await? {
+    for o in store.list_all(names::INDEX_BATCH_PREFIX).await? {
         if let Some(ArchiveKey::IndexBatch { day }) = names::parse(&o.key, crate::lsn::DEFAULT_SEGMENT_SIZE) {
             if day.as_str() < today {
                 by_day.entry(day).or_default().push(o.key);

@@ -53,6 +53,19 @@ pub fn chunk(seg: &SegmentName, segment_size: u64, start: Lsn, end: Lsn) -> Stri
     format!("{}.{:016X}-{:016X}", segment(seg, segment_size), start.0, end.0)
 }
 
+/// The prefix every chunk of `seg` (and nothing else) starts with, for a listing.
+pub fn chunks_of(seg: &SegmentName, segment_size: u64) -> String {
+    format!("{}.", segment(seg, segment_size))
+}
+
+/// The prefix of every object of one backup.
+pub fn backup_dir(id: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/")
+}
+
+/// The prefix of the commit index's batches.
+pub const INDEX_BATCH_PREFIX: &str = "index/batch/";
+
 pub fn backup_part(id: &str, n: u32) -> String {
     format!("backups/{id}/part-{n:06}")
 }

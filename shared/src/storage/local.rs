@@ -22,8 +22,8 @@
 //! Symlinks inside the repository are refused (reads and writes say so; listings skip them):
 //! an archive directory is not a place to point elsewhere. The root itself may be a symlink.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -153,10 +153,6 @@ fn io_err(op: &'static str, key: &str, e: io::Error) -> StorageError {
     }
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Publish a complete, fsynced temp file under `dest`; new directories get `dir_mode`.
 fn publish(tmp: &Path, dest: &Path, mode: PutMode, dir_mode: u32) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -180,7 +176,7 @@ fn publish(tmp: &Path, dest: &Path, mode: PutMode, dir_mode: u32) -> io::Result<
             }
         }
     }
-    fsync_dir(parent)
+    crate::fsutil::fsync_dir(parent)
 }
 
 fn temp_path(root: &Path) -> PathBuf {
@@ -196,13 +192,9 @@ impl Drop for TempGuard {
 }
 
 fn put_blocking(store: &LocalStore, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = temp_path(&store.root);
     let _guard = TempGuard(tmp.clone());
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(store.file_mode).open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
+    crate::fsutil::write_new(&tmp, data, store.file_mode)?;
     publish(&tmp, dest, mode, store.dir_mode)
 }
 
@@ -338,7 +330,7 @@ impl ObjectStore for LocalStore {
                         None => break,
                     }
                 }
-                let _ = fsync_dir(if cur.exists() { &cur } else { &root });
+                let _ = crate::fsutil::fsync_dir(if cur.exists() { &cur } else { &root });
             }
             Ok(())
         })

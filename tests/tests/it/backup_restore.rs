@@ -145,6 +145,14 @@ async fn backup_then_point_in_time_restores() {
     assert_eq!(l["backups"].as_array().unwrap().len(), 1, "{l}");
     let to: Lsn = l["timelines"][0]["recoverable_to_lsn"].as_str().unwrap().parse().unwrap();
     assert!(to >= end, "recoverable to {to}, archived {end}");
+    // ... by time too: from the first commit after the backup to the last archived commit.
+    let from_t = walvault_shared::time::parse(l["timelines"][0]["recoverable_from_time"].as_str().unwrap()).unwrap();
+    let to_t = walvault_shared::time::parse(l["timelines"][0]["recoverable_to_time"].as_str().unwrap()).unwrap();
+    assert!(from_t < to_t, "{l}");
+    assert!(chrono::Utc::now() - to_t < chrono::Duration::seconds(30), "the last archived commit is recent: {l}");
+    assert!(l["backups"][0]["stop_time"].is_string(), "{l}");
+    let (_, text, _) = run("walvault-recover", &["list", "--archive", &archive]);
+    assert!(text.contains("recoverable from 20") && text.contains(" UTC"), "{text}");
 
     // Target time between row 20 and row 21 (inside the newest segments, some only as chunks).
     let t20 = chrono::DateTime::parse_from_str(&times[14].1, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
