@@ -39,6 +39,7 @@ if [ "$install" = 1 ]; then
   command -v cc >/dev/null || apt_pkgs+=(build-essential)
   command -v openssl >/dev/null || apt_pkgs+=(openssl)
   python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
+  command -v age-keygen >/dev/null || apt_pkgs+=(age)   # encryption tests make keys with the age tools
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     sudo_ apt-get update -qq
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}"
@@ -55,7 +56,7 @@ if [ "$install" = 1 ]; then
   rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 fi
 
-for need in "$PG_BIN/initdb" "$PG_BIN/pg_waldump" "$VENV/bin/weed"; do
+for need in "$PG_BIN/initdb" "$PG_BIN/pg_waldump" "$VENV/bin/weed" /usr/bin/age-keygen; do
   [ -x "$need" ] || { echo "missing $need: run tests/run.sh without --no-install" >&2; exit 1; }
 done
 command -v cargo-nextest >/dev/null || { echo "missing cargo-nextest: cargo install --locked cargo-nextest" >&2; exit 1; }

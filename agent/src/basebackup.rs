@@ -137,6 +137,7 @@ async fn connect(params: &ConnParams, writer: &Writer) -> Result<Source> {
     let version = conn.server_version_num().await?;
     crate::stream::check_supported(version)?;
     identity::ensure(writer, &Identity::new(system.system_identifier, version / 10000, segment_size)).await?;
+    writer.ensure_epoch().await?;
     Ok(Source { conn, system_identifier: system.system_identifier, segment_size, version })
 }
 

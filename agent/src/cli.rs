@@ -50,6 +50,13 @@ pub struct ArchiveOpts {
     /// Address buckets as endpoint/bucket (MinIO, SeaweedFS, Ceph, most self-hosted stores).
     #[arg(long, env = "WALVAULT_S3_FORCE_PATH_STYLE")]
     pub s3_force_path_style: bool,
+    /// Ask S3 to encrypt every object server-side too: aes256 (SSE-S3) or aws:kms (SSE-KMS). A
+    /// complement to --encrypt-recipient, not a substitute.
+    #[arg(long, env = "WALVAULT_S3_SSE")]
+    pub s3_sse: Option<String>,
+    /// The KMS key id for --s3-sse aws:kms (else the bucket's default key).
+    #[arg(long, env = "WALVAULT_S3_SSE_KMS_KEY_ID")]
+    pub s3_sse_kms_key_id: Option<String>,
     /// Log format: plain or json [default: plain]. Level from RUST_LOG (default info).
     #[arg(long, env = "WALVAULT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -67,6 +74,15 @@ pub struct ServerOpts {
     /// then check it with --verify-key.
     #[arg(long, env = "WALVAULT_SIGNING_KEY")]
     pub signing_key: Option<PathBuf>,
+    /// Encrypt to this age recipient (age1…, repeatable): the agent holds public keys only.
+    #[arg(long = "encrypt-recipient", env = "WALVAULT_ENCRYPT_RECIPIENT", value_delimiter = ',')]
+    pub encrypt_recipients: Vec<String>,
+    /// Encrypt to the recipients listed in this file (one age1… per line, as age-keygen -y prints).
+    #[arg(long = "encrypt-recipients-file", env = "WALVAULT_ENCRYPT_RECIPIENTS_FILE")]
+    pub encrypt_recipients_file: Option<PathBuf>,
+    /// Encrypt with the passphrase in this file (mode 0600; never give a passphrase as a flag).
+    #[arg(long, env = "WALVAULT_ENCRYPT_PASSPHRASE_FILE")]
+    pub encrypt_passphrase_file: Option<PathBuf>,
 }
 
 /// WAL streaming (run only).
@@ -101,6 +117,9 @@ pub struct StreamOpts {
     /// Serve /metrics, /healthz and /status on this address (e.g. 127.0.0.1:9187).
     #[arg(long, env = "WALVAULT_LISTEN")]
     pub listen: Option<String>,
+    /// With encryption: draw a new data key this often (old ones are forgotten) [default: 24h].
+    #[arg(long, env = "WALVAULT_KEY_ROTATION_INTERVAL", value_parser = humantime::parse_duration)]
+    pub key_rotation_interval: Option<Duration>,
 }
 
 /// When `run` takes base backups.

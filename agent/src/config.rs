@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use walvault_shared::archive::crypt::Recipients;
 use walvault_shared::archive::sign::SigningKey;
 
 use crate::cli::{ArchiveOpts, BackupOpts, RetentionOpts, ScheduleOpts, ServerOpts, StreamOpts};
@@ -53,10 +54,18 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Path of the Ed25519 signing key (the flag `--signing-key`).
     pub signing_key: Option<PathBuf>,
+    /// age recipients to encrypt to (the flag `--encrypt-recipient`, repeatable).
+    pub encrypt_recipients: Option<Vec<String>>,
+    pub encrypt_recipients_file: Option<PathBuf>,
+    pub encrypt_passphrase_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub key_rotation_interval: Option<Duration>,
     pub log_format: Option<String>,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub s3_force_path_style: Option<bool>,
+    pub s3_sse: Option<String>,
+    pub s3_sse_kms_key_id: Option<String>,
     /// Take a base backup this often (e.g. "24h").
     #[serde(default, with = "humantime_serde")]
     pub backup_interval: Option<Duration>,
@@ -107,6 +116,13 @@ pub fn common(a: &ArchiveOpts) -> Result<(FileConfig, Common)> {
         endpoint: a.s3_endpoint.clone().or(file.s3_endpoint.clone()),
         region: a.s3_region.clone().or(file.s3_region.clone()),
         force_path_style: a.s3_force_path_style || file.s3_force_path_style.unwrap_or(false),
+        sse: a
+            .s3_sse
+            .clone()
+            .or(file.s3_sse.clone())
+            .map(|s| walvault_shared::storage::s3::parse_sse(&s))
+            .transpose()?,
+        sse_kms_key_id: a.s3_sse_kms_key_id.clone().or(file.s3_sse_kms_key_id.clone()),
         ..Default::default()
     };
     Ok((file, Common { archive, s3, log_json }))
@@ -141,6 +157,35 @@ pub fn signer(s: &ServerOpts, file: &FileConfig) -> Result<Option<Arc<SigningKey
         Some(p) => Ok(Some(Arc::new(SigningKey::load(&p)?))),
         None => Ok(None),
     }
+}
+
+/// Encryption at rest, if configured: age recipients or a passphrase file, never both.
+pub fn encryption(s: &ServerOpts, file: &FileConfig) -> Result<Option<Recipients>> {
+    let mut keys = s.encrypt_recipients.clone();
+    if keys.is_empty() {
+        keys = file.encrypt_recipients.clone().unwrap_or_default();
+    }
+    let files: Vec<PathBuf> =
+        s.encrypt_recipients_file.clone().or(file.encrypt_recipients_file.clone()).into_iter().collect();
+    let pass = s.encrypt_passphrase_file.clone().or(file.encrypt_passphrase_file.clone());
+    let keys = Recipients::parse(&keys, &files)?;
+    match (keys, pass) {
+        (Some(_), Some(_)) => bail!(
+            "both recipients and a passphrase file are configured for encryption\nHINT: choose one: age keys (recommended: the agent then holds no secret that decrypts) or a passphrase"
+        ),
+        (Some(k), None) => Ok(Some(k)),
+        (None, Some(p)) => Ok(Some(Recipients::passphrase_file(&p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// How often a new epoch key is drawn.
+pub fn key_rotation(o: &StreamOpts, file: &FileConfig) -> Result<Duration> {
+    let d = o.key_rotation_interval.or(file.key_rotation_interval).unwrap_or(Duration::from_secs(24 * 3600));
+    if d < Duration::from_secs(1) {
+        bail!("key_rotation_interval {d:?} is too small (minimum 1s)");
+    }
+    Ok(d)
 }
 
 pub fn stream(o: &StreamOpts, file: &FileConfig) -> Result<StreamConfig> {

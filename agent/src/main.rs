@@ -104,10 +104,19 @@ fn keygen(k: &KeygenArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Open the archive for writing, signing with the configured key.
-async fn open_writer(common: &config::Common, signer: Option<Arc<SigningKey>>) -> Result<Writer> {
+/// Open the archive for writing, signing with the configured key and encrypting to the
+/// configured recipients.
+async fn open_writer(
+    common: &config::Common,
+    signer: Option<Arc<SigningKey>>,
+    recipients: Option<walvault_shared::archive::crypt::Recipients>,
+) -> Result<Writer> {
     let store = walvault_shared::storage::open(&common.archive, &common.s3).await?;
-    Ok(Writer::new(store, signer))
+    let w = Writer::new(store, signer);
+    Ok(match recipients {
+        Some(r) => w.with_encryption(r),
+        None => w,
+    })
 }
 
 async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common) -> Result<()> {
@@ -116,11 +125,13 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
     let backup_cfg = config::backup(&a.backup, &file).map_err(usage)?;
     let policy = config::retention(&a.retention, &file);
     let signer = config::signer(&a.server, &file).map_err(usage)?;
+    let recipients = config::encryption(&a.server, &file).map_err(usage)?;
+    let rotation = config::key_rotation(&a.stream, &file).map_err(usage)?;
     let params = ConnParams::parse_with_process_env(&config::pg_url(&a.server, &file)).map_err(usage)?;
     http::raise_fd_limit();
     // Bind first: a busy port is a configuration error, found before anything starts.
     let listener = config::listen(&a.stream, &file).map(|addr| http::bind(&addr)).transpose().map_err(usage)?;
-    let writer = open_writer(&common, signer).await?;
+    let writer = open_writer(&common, signer, recipients).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     *metrics.archive_url.lock().unwrap() = writer.store().url();
     let http = match listener {
@@ -133,7 +144,8 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(watch_signals(shutdown.clone()));
     tracing::info!(archive = %writer.store().url(), server = %params.describe(), slot = %stream_cfg.slot,
-        signed = writer.signer().is_some(), "walvault-agent starting");
+        signed = writer.signer().is_some(), encrypted = writer.encrypts(), "walvault-agent starting");
+    let keys = writer.encrypts().then(|| stream::rotate_keys(writer.clone(), rotation, shutdown.child_token()));
     // Backups on a schedule, and the newest backup's age from the archive whoever took it.
     let backups = schedule::Task::start(
         schedule::Context {
@@ -149,6 +161,9 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
     let result = stream::run(params, writer, stream_cfg, metrics, shutdown.clone()).await;
     shutdown.cancel();
     backups.join().await;
+    if let Some(k) = keys {
+        let _ = k.await;
+    }
     signals.abort();
     if let Some(h) = http {
         h.stop();
@@ -176,8 +191,9 @@ async fn backup_once(a: BackupCmdArgs, file: config::FileConfig, common: config:
     let backup_cfg = config::backup(&a.backup, &file).map_err(usage)?;
     let policy = config::retention(&a.retention, &file);
     let signer = config::signer(&a.server, &file).map_err(usage)?;
+    let recipients = config::encryption(&a.server, &file).map_err(usage)?;
     let params = ConnParams::parse_with_process_env(&config::pg_url(&a.server, &file)).map_err(usage)?;
-    let writer = open_writer(&common, signer).await?;
+    let writer = open_writer(&common, signer, recipients).await?;
     let d = basebackup::take_backup(&params, &writer, &backup_cfg).await?;
     println!("{}", serde_json::to_string_pretty(&d)?);
     if policy.is_set() {
@@ -193,7 +209,7 @@ async fn expire_once(a: ExpireArgs, file: config::FileConfig, common: config::Co
             "no retention policy given\nHINT: --retain-full N and/or --retain-days D (or retain_full/retain_days in the config file)"
         )));
     }
-    let writer = open_writer(&common, None).await?;
+    let writer = open_writer(&common, None, None).await?;
     let id = walvault_shared::archive::identity::load_existing(&Reader::new(writer.store().clone(), None)).await?;
     let r = retention::expire(&writer, id.wal_segment_size, &policy, a.dry_run).await?;
     if a.json {

@@ -339,6 +339,21 @@ impl Drop for Pgbackrest {
     }
 }
 
+/// A fresh age key pair (made with the stock `age-keygen`) in `dir`; its recipient `age1…`.
+pub fn age_recipient(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("bench-age-key.txt");
+    let _ = std::fs::remove_file(&path);
+    let out = std::process::Command::new("age-keygen").arg("-o").arg(&path).output()?;
+    if !out.status.success() {
+        anyhow::bail!("age-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .map(|s| s.trim().to_string())
+        .ok_or_else(|| anyhow::anyhow!("no public key in {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,15 +94,18 @@ enum Archiver {
     PgReceivewal,
     PgReceivewalSync,
     Pgbackrest,
+    /// walvault-agent → local dir, encrypting to an age recipient.
+    WalvaultEncrypted,
 }
 
-const ARCHIVERS: [Archiver; 6] = [
+const ARCHIVERS: [Archiver; 7] = [
     Archiver::None,
     Archiver::WalvaultLocal,
     Archiver::WalvaultS3,
     Archiver::PgReceivewal,
     Archiver::PgReceivewalSync,
     Archiver::Pgbackrest,
+    Archiver::WalvaultEncrypted,
 ];
 
 impl Archiver {
@@ -114,6 +117,7 @@ impl Archiver {
             Archiver::PgReceivewal => "pg_receivewal",
             Archiver::PgReceivewalSync => "pg_receivewal-sync",
             Archiver::Pgbackrest => "pgbackrest",
+            Archiver::WalvaultEncrypted => "walvault-enc",
         }
     }
 
@@ -125,6 +129,7 @@ impl Archiver {
             Archiver::PgReceivewal => "pg_receivewal",
             Archiver::PgReceivewalSync => "pg_receivewal --synchronous",
             Archiver::Pgbackrest => "pgbackrest archive-push async",
+            Archiver::WalvaultEncrypted => "walvault-agent → local dir, encrypted (age)",
         }
     }
 }
@@ -167,7 +172,7 @@ impl Running {
             local_dir: None,
             s3: None,
             app: match kind {
-                Archiver::WalvaultLocal | Archiver::WalvaultS3 => "walvault",
+                Archiver::WalvaultLocal | Archiver::WalvaultS3 | Archiver::WalvaultEncrypted => "walvault",
                 _ => "pg_receivewal",
             },
             seg_size,
@@ -175,8 +180,11 @@ impl Running {
         let out_dir = pg.dir.join("archive");
         match kind {
             Archiver::None => {}
-            Archiver::WalvaultLocal | Archiver::WalvaultS3 => {
+            Archiver::WalvaultLocal | Archiver::WalvaultS3 | Archiver::WalvaultEncrypted => {
                 let mut c = Command::new(bin("walvault-agent")?);
+                if kind == Archiver::WalvaultEncrypted {
+                    c.args(["--encrypt-recipient", &walvault_bench::age_recipient(&pg.dir)?]);
+                }
                 c.args([
                     "run",
                     "--pg-url",
@@ -715,6 +723,17 @@ async fn main() -> Result<()> {
                 w[6] / o[6],
                 w[7] / o[7],
                 w[9] / o[9]
+            )?;
+        }
+        let e = &med[6];
+        if !w[5].is_nan() && !e[5].is_nan() {
+            writeln!(
+                report,
+                "- ratio walvault → local encrypted / unencrypted: CPU per GiB {:.2}, peak RSS {:.2}, stored {:.2}, lag p99 {:.2}",
+                e[5] / w[5],
+                e[6] / w[6],
+                e[7] / w[7],
+                e[1] / w[1]
             )?;
         }
         writeln!(report)?;

@@ -34,6 +34,13 @@ pub struct ArchiveArgs {
     /// @FILE holding it. Repeat during a key rotation (any of them may verify).
     #[arg(long = "verify-key", env = "WALVAULT_VERIFY_KEY", value_delimiter = ',')]
     pub verify_keys: Vec<String>,
+    /// An encrypted archive: the age identity file (age-keygen's AGE-SECRET-KEY-1… lines) that
+    /// decrypts it. restore writes this file's path, never the key, into restore_command.
+    #[arg(long, env = "WALVAULT_IDENTITY_FILE")]
+    pub identity: Option<PathBuf>,
+    /// An archive encrypted with a passphrase: the file holding it (mode 0600).
+    #[arg(long, env = "WALVAULT_PASSPHRASE_FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 impl ArchiveArgs {
@@ -62,7 +69,28 @@ impl ArchiveArgs {
         if let Some(keys) = walvault_shared::archive::sign::VerifyKeys::from_args(&self.verify_keys)? {
             v.extend(keys.to_args());
         }
+        let abs = |p: &PathBuf| -> anyhow::Result<String> {
+            Ok(if p.is_absolute() { p.clone() } else { std::env::current_dir()?.join(p) }
+                .to_string_lossy()
+                .into_owned())
+        };
+        if let Some(p) = &self.identity {
+            v.extend(["--identity".to_string(), abs(p)?]);
+        }
+        if let Some(p) = &self.passphrase_file {
+            v.extend(["--passphrase-file".to_string(), abs(p)?]);
+        }
         Ok(v)
+    }
+
+    /// The identities given, parsed.
+    pub fn identities(&self) -> anyhow::Result<Option<walvault_shared::archive::crypt::Identities>> {
+        use walvault_shared::archive::crypt::Identities;
+        match (&self.identity, &self.passphrase_file) {
+            (Some(p), _) => Ok(Some(Identities::from_file(p)?)),
+            (None, Some(p)) => Ok(Some(Identities::passphrase_file(p)?)),
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -97,6 +125,11 @@ pub enum Cmd {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Re-wrap every epoch key of an encrypted archive for new recipients (or a new
+    /// passphrase): only the keys/ objects are rewritten, no data object is read or written.
+    /// Afterwards the old identity cannot decrypt anything; the new one decrypts everything.
+    /// Safe to interrupt and to run again.
+    Rekey(RekeyArgs),
     /// (internal) the background prefetcher started by wal-fetch.
     #[command(hide = true)]
     WalPrefetch {
@@ -108,6 +141,31 @@ pub enum Cmd {
         count: u32,
         after: String,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct RekeyArgs {
+    /// The archive, and the identity (--identity or --passphrase-file) that decrypts it now.
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// New recipient (age1…, repeatable).
+    #[arg(long = "to-recipient", value_delimiter = ',')]
+    pub to_recipients: Vec<String>,
+    /// New recipients, one age1… per line.
+    #[arg(long = "to-recipients-file")]
+    pub to_recipients_file: Option<PathBuf>,
+    /// A new passphrase, from this file (mode 0600).
+    #[arg(long = "to-passphrase-file")]
+    pub to_passphrase_file: Option<PathBuf>,
+    /// Sign the rewritten key objects with this key (as the agent does).
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// (tests) stop, exit 3, after rewriting this many key objects, as if killed.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -16,6 +16,7 @@ mod cli;
 mod list;
 mod pgdata;
 mod pgtools;
+mod rekey;
 mod restore;
 mod verify;
 mod walfetch;
@@ -75,6 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Cmd::WalFetch { archive, prefetch, walfile, dest } => {
                 walfetch::run(&open(&archive).await?, &archive, prefetch, &walfile, &dest).await
             }
+            Cmd::Rekey(a) => rekey::run(a).await.map(|_| ExitCode::SUCCESS),
             Cmd::WalPrefetch { archive, spool, count, after } => {
                 // Best effort, detached: failures show up when PostgreSQL asks for the segment.
                 let _ = walfetch::run_prefetch(&open(&archive).await?, &spool, count, &after).await;
@@ -84,11 +86,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     })
 }
 
-/// Open the archive for reading, with the verify keys given.
+/// Open the archive for reading, with the verify keys and identities given.
 async fn open(a: &ArchiveArgs) -> Result<Reader> {
     let keys = VerifyKeys::from_args(&a.verify_keys).map_err(usage)?;
+    let identities = a.identities()?;
     let store = walvault_shared::storage::open_existing(&a.archive, &a.s3()).await?;
-    Ok(Reader::new(store, keys))
+    Ok(Reader::new(store, keys).with_identities(identities))
 }
 
 /// Say once that authenticity is not being checked.
@@ -275,6 +278,8 @@ async fn do_verify(a: VerifyArgs) -> Result<ExitCode> {
         // A drill writes only into its scratch directory, tablespaces included.
         tablespace_root: Some(workdir.join("tablespaces")),
     };
+    // Every check restore makes (plan, keys, destinations) before the drill writes anything.
+    restore::check(&reader, &restore).await?;
     let opts = verify::DrillOptions {
         workdir,
         tools,

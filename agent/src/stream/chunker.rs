@@ -9,7 +9,14 @@
 //!   after a restart): the uploader then writes the whole-segment object from the chunks'
 //!   compressed frames.
 //!
-//! Memory: the open chunk (at most `chunk_max_bytes`) and the archived prefix being verified.
+//! When the stream starts inside a segment whose beginning the archive holds (a restart), the
+//! server sends that beginning again: each archived piece is checked against the server's
+//! bytes by length and crc32 — the agent never reads WAL back from the archive, which it could
+//! not decrypt anyway — and a difference is split brain. The verified bytes then become a
+//! [`Job::Prefix`], so that the segment can still be written whole.
+//!
+//! Memory: the open chunk (at most `chunk_max_bytes`) and, at a restart, the archived prefix
+//! of the current segment being verified.
 
 use std::time::Instant;
 
@@ -35,14 +42,30 @@ pub enum Job {
     /// Write the whole segment once every chunk up to `after_seq` is durable, then delete the
     /// segment's chunks.
     Segment { after_seq: u64, segment: SegmentName },
+    /// The beginning `[start, end)` of the current segment, archived by an earlier session and
+    /// now verified against the server: the uploader keeps it (compressed) to build the whole
+    /// segment.
+    Prefix { timeline: TimelineId, start: Lsn, end: Lsn, data: Bytes },
+}
+
+/// A piece of WAL the archive already holds: `[start, end)` whose plain crc32 is `crc`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivedPiece {
+    pub start: Lsn,
+    pub end: Lsn,
+    pub crc: u32,
 }
 
 pub struct Chunker {
     segment_size: u64,
-    /// Bytes the archive already holds from the stream start: the server's bytes for this
-    /// range must be identical (else two histories are being mixed: split brain).
-    verify: Bytes,
+    /// What the archive already holds from the stream start (`verify_start`), piece by piece:
+    /// the server's bytes there must have the same crc32 (else two histories are being mixed:
+    /// split brain). Pieces are checked when their end is reached, in order of their ends.
+    archived: std::collections::VecDeque<ArchivedPiece>,
     verify_start: Lsn,
+    verify_end: Lsn,
+    /// The server's bytes from `verify_start` while they are being verified.
+    verified: BytesMut,
     max_chunk: usize,
     timeline: TimelineId,
     /// Next byte expected from the server.
@@ -67,30 +90,35 @@ pub enum StreamError {
     )]
     Gap { expected: Lsn, got: Lsn },
     #[error(
-        "split brain: the server's WAL at {at} differs from what the archive holds there\nHINT: this archive holds WAL \
+        "split brain: the server's WAL in {from}..{to} differs from what the archive holds there\nHINT: this archive holds WAL \
          of a different history of this cluster (a copy of it that diverged, or an old primary); give each its own \
          archive. Nothing was overwritten."
     )]
-    Diverged { at: Lsn },
+    Diverged { from: Lsn, to: Lsn },
 }
 
 impl Chunker {
-    /// Stream from `start` on `timeline`. `verify` holds the bytes the archive already has from
-    /// `start` on: they are compared with what the server sends, not uploaded again. When
-    /// `start` is a segment start the whole segment is assembled and emitted at its end;
-    /// otherwise (the archive could not supply the segment's beginning) it stays as chunks.
+    /// Stream from `start` on `timeline`. `archived` lists what the archive already holds from
+    /// `start` on (contiguous, each piece starting at or after `start`): it is verified against
+    /// what the server sends, not uploaded again. When `start` is a segment start the whole
+    /// segment is emitted at its end; otherwise (the archive could not supply the segment's
+    /// beginning) it stays as chunks.
     pub fn new(
         timeline: TimelineId,
         start: Lsn,
         segment_size: u64,
         max_chunk: usize,
-        verify: Bytes,
+        mut archived: Vec<ArchivedPiece>,
         first_seq: u64,
     ) -> Self {
+        archived.sort_by_key(|p| p.end);
+        let verify_end = archived.last().map(|p| p.end).unwrap_or(start);
         Chunker {
             segment_size,
-            verify,
+            archived: archived.into(),
             verify_start: start,
+            verify_end,
+            verified: BytesMut::new(),
             max_chunk: max_chunk.max(1),
             timeline,
             pos: start,
@@ -143,7 +171,33 @@ impl Chunker {
 
     /// The first LSN not yet known to be in the archive.
     pub fn archived_from(&self) -> Lsn {
-        Lsn(self.verify_start.0 + self.verify.len() as u64)
+        self.verify_end
+    }
+
+    /// Take the server's bytes that the archive already holds: check each archived piece whose
+    /// end they reach; at the end of the archived part, hand the bytes over as a
+    /// [`Job::Prefix`]. Returns how many bytes of `data` were taken.
+    fn verify(&mut self, data: &[u8], jobs: &mut Vec<Job>) -> Result<usize, StreamError> {
+        let n = data.len().min((self.verify_end.0 - self.pos.0) as usize);
+        self.scan(self.pos, &data[..n]);
+        self.verified.extend_from_slice(&data[..n]);
+        self.pos = Lsn(self.pos.0 + n as u64);
+        while let Some(p) = self.archived.front().filter(|p| p.end <= self.pos) {
+            let a = (p.start.0 - self.verify_start.0) as usize;
+            let b = (p.end.0 - self.verify_start.0) as usize;
+            if crc32fast::hash(&self.verified[a..b]) != p.crc {
+                return Err(StreamError::Diverged { from: p.start, to: p.end });
+            }
+            self.archived.pop_front();
+        }
+        if self.pos == self.verify_end {
+            let data = self.verified.split().freeze();
+            if self.whole_segment && !data.is_empty() {
+                let end = self.verify_end;
+                jobs.push(Job::Prefix { timeline: self.timeline, start: self.verify_start, end, data });
+            }
+        }
+        Ok(n)
     }
 
     /// Add WAL bytes that start at `start`.
@@ -151,20 +205,9 @@ impl Chunker {
         if start != self.pos {
             return Err(StreamError::Gap { expected: self.pos, got: start });
         }
-        let verify_end = self.archived_from();
-        if self.pos < verify_end {
-            let n = data.len().min((verify_end.0 - self.pos.0) as usize);
-            let off = (self.pos.0 - self.verify_start.0) as usize;
-            if let Some(i) = (0..n).find(|&i| data[i] != self.verify[off + i]) {
-                return Err(StreamError::Diverged { at: Lsn(self.pos.0 + i as u64) });
-            }
-            self.scan(self.pos, &data[..n]);
-            self.pos = Lsn(self.pos.0 + n as u64);
+        if self.pos < self.verify_end {
+            let n = self.verify(data, jobs)?;
             data = &data[n..];
-            if self.pos == verify_end {
-                self.verify = Bytes::new();
-                self.verify_start = verify_end;
-            }
         }
         while !data.is_empty() {
             if self.chunk.is_empty() {
@@ -226,13 +269,14 @@ mod tests {
             .map(|j| match j {
                 Job::Chunk { start, end, .. } => format!("c{}-{}", start.0, end.0),
                 Job::Segment { segment, .. } => format!("s{}", segment.segno.0),
+                Job::Prefix { start, end, .. } => format!("p{}-{}", start.0, end.0),
             })
             .collect()
     }
 
     #[test]
     fn splits_on_size_and_segment_and_emits_segments() {
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, Bytes::new(), 0);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, vec![], 0);
         let mut jobs = Vec::new();
         let data = vec![7u8; SZ as usize + 100];
         c.push(Lsn(SZ), &data, &mut jobs).unwrap();
@@ -256,28 +300,48 @@ mod tests {
     #[test]
     fn archived_prefix_is_verified_not_reuploaded() {
         let mut jobs = Vec::new();
-        let archived = Bytes::from(vec![3u8; 1000]);
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, archived.clone(), 5);
+        let archived_bytes = vec![3u8; 1000];
+        // Two archived chunks, the second overlapping the first (left by a crash).
+        let pieces = || {
+            vec![
+                ArchivedPiece { start: Lsn(SZ), end: Lsn(SZ + 600), crc: crc32fast::hash(&archived_bytes[..600]) },
+                ArchivedPiece {
+                    start: Lsn(SZ + 500),
+                    end: Lsn(SZ + 1000),
+                    crc: crc32fast::hash(&archived_bytes[500..]),
+                },
+            ]
+        };
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, pieces(), 5);
         assert_eq!(c.archived_from(), Lsn(SZ + 1000));
         // The server resends the archived bytes (in two messages), then new ones.
         c.push(Lsn(SZ), &[3u8; 600], &mut jobs).unwrap();
         let mut more = vec![3u8; 400];
         more.extend_from_slice(&vec![9u8; SZ as usize - 1000]);
         c.push(Lsn(SZ + 600), &more, &mut jobs).unwrap();
-        assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 1000, 2 * SZ), "s1".to_string()]);
-        match (&jobs[0], &jobs[1]) {
-            (Job::Chunk { seq, data, .. }, Job::Segment { after_seq, .. }) => {
+        assert_eq!(
+            kinds(&jobs),
+            vec![format!("p{}-{}", SZ, SZ + 1000), format!("c{}-{}", SZ + 1000, 2 * SZ), "s1".to_string()]
+        );
+        match (&jobs[0], &jobs[1], &jobs[2]) {
+            (Job::Prefix { data, .. }, Job::Chunk { seq, data: new, .. }, Job::Segment { after_seq, .. }) => {
+                assert_eq!(&data[..], &archived_bytes[..], "the verified prefix, from the server");
                 assert_eq!((*seq, *after_seq), (5, 5));
-                assert_eq!(data[0], 9, "only the new bytes are uploaded");
+                assert_eq!(new[0], 9, "only the new bytes are uploaded");
             }
             j => panic!("{j:?}"),
         }
-        // Different bytes where the archive has some: split brain, at the first differing byte.
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, archived, 0);
+        // Different bytes where the archive has some: split brain, naming the piece.
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, pieces(), 0);
         let mut bad = vec![3u8; 700];
         bad[650] = 4;
-        match c.push(Lsn(SZ), &bad, &mut jobs) {
-            Err(StreamError::Diverged { at }) => assert_eq!(at, Lsn(SZ + 650)),
+        c.push(Lsn(SZ), &bad[..600], &mut jobs).unwrap();
+        match c.push(
+            Lsn(SZ + 600),
+            &[3u8; 400].iter().enumerate().map(|(i, b)| if i == 50 { 4 } else { *b }).collect::<Vec<_>>(),
+            &mut jobs,
+        ) {
+            Err(StreamError::Diverged { from, to }) => assert_eq!((from, to), (Lsn(SZ + 500), Lsn(SZ + 1000))),
             r => panic!("{r:?}"),
         }
     }
@@ -286,7 +350,7 @@ mod tests {
     fn mid_segment_start_is_left_as_chunks() {
         let start = Lsn(SZ + 10);
         let mut jobs = Vec::new();
-        let mut c = Chunker::new(TimelineId(1), start, SZ, SZ as usize, Bytes::new(), 5);
+        let mut c = Chunker::new(TimelineId(1), start, SZ, SZ as usize, vec![], 5);
         c.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
         assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 10, 2 * SZ)]);
     }

@@ -44,14 +44,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use walvault_shared::archive::envelope::{self as env, ObjectKind as Kind};
 use walvault_shared::archive::envelope::{Compression, ObjectKind};
 use walvault_shared::archive::identity::{self, Identity};
 use walvault_shared::archive::names;
-use walvault_shared::archive::read::{Reader, WalListing, WalRange};
+use walvault_shared::archive::read::{Reader, WalListing};
 use walvault_shared::archive::walcat::WalCatalog;
+use walvault_shared::archive::walcat::{ChunkRecord, WalObjectMeta};
 use walvault_shared::archive::write::{PutOnceError, Writer};
 use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::storage::retry::RetryPolicy;
@@ -61,8 +62,8 @@ use walvault_shared::wal::TimelineHistory;
 use crate::metrics::Metrics;
 use crate::replication::conninfo::ConnParams;
 use crate::replication::{Connection, PgError, ReplicationMessage, SlotInfo};
-use chunker::{Chunker, Job};
-use uploader::{Frame, UploadConfig, UploadStop, Uploader};
+use chunker::{ArchivedPiece, Chunker, Job};
+use uploader::{UploadConfig, UploadStop, Uploader};
 
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
@@ -197,6 +198,27 @@ pub async fn run(
     }
 }
 
+/// With encryption: a new epoch key every `interval` (the previous one is forgotten), until
+/// `cancel`. A key that cannot be written is retried; the current epoch stays in use meanwhile.
+pub fn rotate_keys(writer: Writer, interval: Duration, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let r = RetryPolicy::forever()
+                .retry("write a new epoch key", &cancel, |_: &anyhow::Error| true, |_| writer.new_epoch())
+                .await;
+            match r {
+                Ok(epoch) => tracing::info!(epoch = %epoch, "encryption: rotated to a new key epoch"),
+                Err(_) => return, // cancelled
+            }
+        }
+    })
+}
+
 /// Server facts a session needs.
 struct Server {
     system: crate::replication::SystemInfo,
@@ -237,7 +259,9 @@ struct Resume {
     timeline: TimelineId,
     start: Lsn,
     frontier: Lsn,
-    prefix: WalRange,
+    /// The archived pieces of the segment before the frontier (to verify), and their records.
+    prefix: Vec<ArchivedPiece>,
+    records: Vec<ChunkRecord>,
 }
 
 /// List the archive, clean up chunks already consolidated, and find where to resume.
@@ -251,9 +275,9 @@ async fn plan_resume(writer: &Writer, server: &Server, history: &TimelineHistory
     }
     let restart = slot.restart_lsn.unwrap_or(server.system.xlogpos);
     let (timeline, frontier) = choose_start(&listing.catalog, server, history, restart, slot.restart_timeline);
-    let (start, prefix) = match load_prefix(&reader, &listing, timeline, frontier).await? {
-        Some(prefix) => (frontier.segment_start(server.segment_size), prefix),
-        None => (frontier, WalRange::default()),
+    let (start, prefix, records) = match archived_prefix(&reader, &listing, timeline, frontier).await? {
+        Some((pieces, records)) => (frontier.segment_start(server.segment_size), pieces, records),
+        None => (frontier, Vec::new(), Vec::new()),
     };
     tracing::info!(
         system_identifier = server.system.system_identifier,
@@ -262,7 +286,7 @@ async fn plan_resume(writer: &Writer, server: &Server, history: &TimelineHistory
         archived_up_to = %frontier,
         "starting replication at {start} on timeline {timeline}"
     );
-    Ok(Resume { timeline, start, frontier, prefix })
+    Ok(Resume { timeline, start, frontier, prefix, records })
 }
 
 async fn session(
@@ -276,6 +300,9 @@ async fn session(
     let (mut conn, server) = connect(params).await?;
     let ours = Identity::new(server.system.system_identifier, server.version / 10000, server.segment_size);
     identity::ensure(writer, &ours).await.context("check the archive's identity").map_err(archive_err)?;
+    if let Some(epoch) = writer.ensure_epoch().await.context("write the first epoch key").map_err(archive_err)? {
+        tracing::info!(epoch = %epoch, "encryption: started a key epoch");
+    }
     metrics.system_identifier.set(server.system.system_identifier);
     metrics.segment_size.set(server.segment_size);
     let slot = ensure_slot(&mut conn, cfg).await?;
@@ -303,24 +330,15 @@ async fn stream(
         zstd_level: cfg.zstd_level,
         segment_size: seg,
     };
-    let Resume { timeline, start, frontier, prefix } = resume;
-    // What an earlier session archived of this segment, as records and one compressed frame.
-    let prefix_frame =
-        (!prefix.bytes.is_empty()).then(|| (start, Frame::compress(timeline, frontier, &prefix.bytes, cfg.zstd_level)));
+    let Resume { timeline, start, frontier, prefix, records } = resume;
     let (watermark_tx, mut watermark_rx) = watch::channel(frontier);
     let (job_tx, job_rx) = mpsc::channel::<Job>(cfg.queue_depth.max(1));
     let upload_cancel = CancellationToken::new();
-    let uploader = Uploader::new(
-        writer.clone(),
-        upload_cfg,
-        watermark_tx,
-        metrics.clone(),
-        upload_cancel.clone(),
-        (prefix.records, prefix_frame),
-    );
+    let uploader =
+        Uploader::new(writer.clone(), upload_cfg, watermark_tx, metrics.clone(), upload_cancel.clone(), records);
     let uploader = tokio::spawn(uploader.run(job_rx));
     metrics.archived_lsn.set(metrics.archived_lsn.get().max(frontier.0));
-    let chunker = Chunker::new(timeline, start, seg, cfg.chunk_max_bytes, Bytes::from(prefix.bytes), 0);
+    let chunker = Chunker::new(timeline, start, seg, cfg.chunk_max_bytes, prefix, 0);
     conn.start_replication(&cfg.slot, start, timeline).await?;
     *ever_streamed = true;
     metrics.up.set(1);
@@ -475,7 +493,7 @@ impl Receive {
                 let seg = self.chunker.segment_size();
                 let start = next_start.segment_start(seg);
                 self.chunker =
-                    Chunker::new(next_timeline, start, seg, cfg.chunk_max_bytes, Bytes::new(), self.chunker.next_seq());
+                    Chunker::new(next_timeline, start, seg, cfg.chunk_max_bytes, vec![], self.chunker.next_seq());
                 self.conn.start_replication(&cfg.slot, start, next_timeline).await?;
                 metrics.timeline.set(next_timeline.0 as u64);
             }
@@ -517,18 +535,35 @@ fn choose_start(
     }
 }
 
-/// Bytes of `start`'s segment before `start`, read back from the archive, with the records of
-/// the chunks they came from (so the segment's metadata keeps their commit statistics and
-/// durable times). `None` if they cannot be had.
-async fn load_prefix(reader: &Reader, listing: &WalListing, tli: TimelineId, start: Lsn) -> Result<Option<WalRange>> {
+/// What the archive holds of `start`'s segment before `start`: each piece's range and plain
+/// crc32 (to verify against the server's bytes) and the records of the chunks (so the segment's
+/// metadata keeps their commit statistics and durable times). Read from the objects' headers
+/// and metadata only: the agent never reads WAL content back (it may be encrypted). `None` if
+/// the archive does not hold the segment's beginning contiguously.
+async fn archived_prefix(
+    reader: &Reader,
+    listing: &WalListing,
+    tli: TimelineId,
+    start: Lsn,
+) -> Result<Option<(Vec<ArchivedPiece>, Vec<ChunkRecord>)>> {
     let seg_start = start.segment_start(listing.catalog.segment_size);
     if seg_start == start {
-        return Ok(Some(WalRange::default()));
+        return Ok(Some((Vec::new(), Vec::new())));
     }
-    if listing.catalog.pieces_for(tli, seg_start, start).is_err() {
-        return Ok(None);
+    let Ok(pieces) = listing.catalog.pieces_for(tli, seg_start, start) else { return Ok(None) };
+    let mut archived = Vec::new();
+    let mut records = Vec::new();
+    for p in pieces {
+        let kind = if p.whole_segment { Kind::WalSegment } else { Kind::WalChunk };
+        let (h, meta) = reader.read_meta(&p.key, kind).await?;
+        if h.plain_len != p.end.0 - p.start.0 {
+            bail!("object {} holds {} bytes, not what its name says", p.key, h.plain_len);
+        }
+        let m: WalObjectMeta = env::metadata_as(&p.key, &meta)?;
+        records.extend(listing.records_of(&p.key, tli, p.start, p.end, &m));
+        archived.push(ArchivedPiece { start: p.start, end: p.end, crc: h.plain_crc });
     }
-    Ok(Some(reader.read_wal(listing, tli, seg_start, start).await?))
+    Ok(Some((archived, records)))
 }
 
 /// Archive the history files of `tli` and its ancestors; returns `tli`'s history.

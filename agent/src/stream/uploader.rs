@@ -127,17 +127,17 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// `resumed`: the records and the compressed frame of the segment's prefix that an earlier
-    /// session archived (so that the segment can still be written whole).
+    /// `resumed`: the records of the chunks an earlier session archived in the segment being
+    /// resumed (its bytes arrive, verified, as a [`Job::Prefix`]).
     pub fn new(
         writer: Writer,
         cfg: UploadConfig,
         watermark: watch::Sender<Lsn>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
-        resumed: (Vec<ChunkRecord>, Option<(Lsn, Frame)>),
+        resumed: Vec<ChunkRecord>,
     ) -> Self {
-        let (records, prefix) = resumed;
+        let records = resumed;
         let index = IndexBatcher::new(writer.clone());
         Uploader {
             writer,
@@ -149,7 +149,7 @@ impl Uploader {
             next_seq: 0,
             durable: BTreeMap::new(),
             records,
-            frames: prefix.into_iter().collect(),
+            frames: BTreeMap::new(),
             segments: VecDeque::new(),
             index,
         }
@@ -176,6 +176,13 @@ impl Uploader {
                 job = jobs.recv(), if open && self.in_flight.len() < self.cfg.concurrency => match job {
                     None => open = false,
                     Some(Job::Segment { after_seq, segment }) => self.segments.push_back((after_seq, segment)),
+                    Some(Job::Prefix { timeline, start, end, data }) => {
+                        let level = self.cfg.zstd_level;
+                        let frame = tokio::task::spawn_blocking(move || Frame::compress(timeline, end, &data, level))
+                            .await
+                            .expect("compress task");
+                        self.frames.insert(start, frame);
+                    }
                     Some(chunk) => self.start_chunk(chunk),
                 },
             }
@@ -531,8 +538,12 @@ mod tests {
             &payload,
             envelope::Seal::unsigned("seg"),
         );
-        let d =
-            envelope::decode("seg", &obj, &Expect { kind: None, max_plain: 1 << 20, what: "t", verify: None }).unwrap();
+        let d = envelope::decode(
+            "seg",
+            &obj,
+            &Expect { kind: None, max_plain: 1 << 20, what: "t", verify: None, epoch: None },
+        )
+        .unwrap();
         assert!(d.content == data);
         // A hole: no segment.
         frames.remove(&Lsn(1000));

@@ -45,18 +45,19 @@ const MIB: f64 = (1u64 << 20) as f64;
 #[derive(Default)]
 struct Results {
     /// (usage, stored MiB) per tool, per run.
-    backup: [Vec<(Usage, f64)>; 4],
+    backup: [Vec<(Usage, f64)>; 5],
     restore_wv: Vec<f64>,
     restore_pgbr: Vec<f64>,
     /// prefetch, no prefetch, pgbackrest archive-get, pg_wal
     replay: [Vec<f64>; 4],
 }
 
-const BACKUPS: [&str; 4] = [
+const BACKUPS: [&str; 5] = [
     "walvault-agent backup (zstd 3, 2 parts in parallel)",
     "pg_basebackup -Ft -Z client-zstd -X none",
     "pgbackrest backup --type=full zst, process-max 1",
     "pgbackrest backup --type=full zst, process-max 2",
+    "walvault-agent backup, encrypted (age)",
 ];
 
 /// Start the restored cluster in `dir`/data and time it until recovery ends.
@@ -173,6 +174,18 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
         .stderr(Stdio::null())
         .spawn()?;
     let mut guard = KillOnDrop(Some(agent.id()));
+    // A second, encrypted archive, streamed by a second agent on its own slot.
+    let edir = PgCluster::fresh_dir("bench-archive-enc")?;
+    let earchive = format!("file://{}", edir.join("repo").display());
+    let recipient = walvault_bench::age_recipient(&edir)?;
+    let mut eagent = Command::new(&agent_bin)
+        .args(["run", "--pg-url", &format!("{} application_name=walvault-enc", pg.conn_str("postgres", "postgres"))])
+        .args(["--archive", &earchive, "--no-backups", "--listen", "127.0.0.1:0", "--slot", "walvault_enc"])
+        .args(["--encrypt-recipient", &recipient])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut eguard = KillOnDrop(Some(eagent.id()));
     let pgbr = Pgbackrest::new(&pg)?;
     pgbr.enable_archiving(&pg).await?;
     let mut res = Results::default();
@@ -183,6 +196,12 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
         c.args(["backup", "--pg-url", &pg.url(), "--archive", &archive]);
         let u = measured(c)?;
         res.backup[0].push((u, (dir_size(&adir.join("repo/backups")) - before) as f64 / MIB));
+
+        let before = dir_size(&edir.join("repo/backups"));
+        let mut c = Command::new(&agent_bin);
+        c.args(["backup", "--pg-url", &pg.url(), "--archive", &earchive, "--encrypt-recipient", &recipient]);
+        let u = measured(c)?;
+        res.backup[4].push((u, (dir_size(&edir.join("repo/backups")) - before) as f64 / MIB));
 
         let bdir = PgCluster::fresh_dir("bench-pgbasebackup")?;
         let mut c = pg_command(&pg_program("pg_basebackup")?)?;
@@ -199,6 +218,13 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
             res.backup[k].push((u, (dir_size(&pgbr.repo.join("backup")) - before) as f64 / MIB));
         }
     }
+    // The encrypted archive is done with: its agent and slot go, so they do not weigh on what
+    // follows.
+    // SAFETY: kill(2) on our child, not yet reaped.
+    unsafe { libc::kill(eagent.id() as i32, libc::SIGTERM) };
+    let _ = eagent.wait();
+    eguard.disarm();
+    pg.execute("SELECT pg_drop_replication_slot('walvault_enc')").await?;
     // WAL after the backups, for the replay measurement.
     let start: Lsn = pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse()?;
     while pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse::<Lsn>()?.0
@@ -303,6 +329,14 @@ async fn main() -> Result<()> {
     }
     writeln!(s)?;
     let m = |k: usize, f: &dyn Fn(&(Usage, f64)) -> f64| median(&col(k, f));
+    writeln!(
+        s,
+        "- ratio walvault encrypted / unencrypted: time {:.2}, CPU {:.2}, peak RSS {:.2}, stored {:.2}",
+        m(4, &|x| x.0.wall_s) / m(0, &|x| x.0.wall_s),
+        m(4, &|x| x.0.cpu_s) / m(0, &|x| x.0.cpu_s),
+        m(4, &|x| x.0.peak_rss_mib) / m(0, &|x| x.0.peak_rss_mib),
+        m(4, &|x| x.1) / m(0, &|x| x.1),
+    )?;
     for (k, name) in [(1, "pg_basebackup"), (2, "pgbackrest process-max 1"), (3, "pgbackrest process-max 2")] {
         writeln!(
             s,

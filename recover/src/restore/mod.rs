@@ -114,6 +114,37 @@ async fn last_commit_before(
     Ok(found.map(|e| (e.time(), e.xid, e.lsn, r.timeline)))
 }
 
+/// An encrypted archive: the identity given must unwrap the epoch keys of the backup's parts and
+/// of the newest WAL on the path (each read from the objects' headers), so that a wrong or
+/// missing identity stops the restore before anything is written, naming the recipients
+/// expected.
+async fn check_keys(reader: &Reader, view: &ArchiveView, plan: &Plan) -> Result<()> {
+    if !reader.has_identities() {
+        bail!("the archive is encrypted, and no key to read it was given\nHINT: pass the age identity it is encrypted to (--identity FILE) or its passphrase (--passphrase-file FILE)");
+    }
+    let mut keys: Vec<(String, ObjectKind)> = plan
+        .backup
+        .archives
+        .iter()
+        .filter_map(|a| a.parts.first())
+        .map(|p| (names::backup_part(&plan.backup.id, p.n), ObjectKind::BackupPart))
+        .collect();
+    let newest = plan.reachable.1 .0.checked_sub(1).and_then(|l| view.catalog().piece_at(plan.reachable.0, Lsn(l)));
+    if let Some(p) = newest {
+        keys.push((p.key.clone(), if p.whole_segment { ObjectKind::WalSegment } else { ObjectKind::WalChunk }));
+    }
+    for (key, kind) in keys {
+        let (h, _) = reader.read_meta(&key, kind).await?;
+        match h.encryption_block {
+            Some(b) => {
+                reader.epoch_key(&b.epoch).await.with_context(|| format!("the key of {key}"))?;
+            }
+            None => return Err(envelope::EnvelopeError::NotEncrypted { key }.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Everything restore checks before it writes anything: the plan, the target, the
 /// destinations.
 pub struct Checked {
@@ -137,6 +168,9 @@ pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
         Some(root) => extract::map_all_under(&plan.backup, root)?,
         None => opts.tablespace_mapping.clone(),
     };
+    if view.identity.encryption.is_some() {
+        check_keys(reader, &view, &plan).await?;
+    }
     let dests = extract::destinations(&plan.backup, &opts.pgdata, &mapping)?;
     extract::check(&dests, &mapping, opts.force)?;
     Ok(Checked { plan, dests, last_commit })

@@ -8,7 +8,7 @@
 //!      4      2 format version, u16 LE (this code writes 2, reads 1 and 2)
 //!      6      1 kind (ObjectKind)
 //!      7      1 compression: 0 none, 1 zstd
-//!      8      1 encryption: 0 none (other values: see the encryption block)
+//!      8      1 encryption: 0 none, 1 epoch key + XChaCha20-Poly1305 STREAM (see `crypt`)
 //!      9      1 signature: 0 none, 1 Ed25519 (version 1: reserved, zero)
 //!     10      2 reserved, zero
 //!     12      8 plain length: bytes of the content before compression, u64 LE
@@ -18,10 +18,12 @@
 //!     36      4 crc32 of the stored payload, u32 LE
 //!     40      4 header crc: crc32 of bytes 0..40, then of bytes 44..payload start
 //!     44      M metadata: UTF-8 JSON object, the kind's own fields
-//!   44+M      E encryption block (E = 0 without encryption)
+//!   44+M      E encryption block (E = 48 with encryption: epoch id and salt; 0 without)
 //! 44+M+E      S signature block (S = 96 with an Ed25519 signature: SHA-256 of the payload, 32
 //!               bytes, then the signature, 64 bytes; S = 0 unsigned)
-//! 44+M+E+S    P payload: the content, compressed as `compression` says
+//! 44+M+E+S    P payload: the content, compressed as `compression` says, then (encrypted
+//!               objects) encrypted; the lengths and crcs of the header are of the plain
+//!               content and of the stored payload
 //! ```
 //!
 //! The signature is Ed25519 over
@@ -43,6 +45,7 @@ use std::io::Read;
 use serde::{de::DeserializeOwned, Serialize};
 use sha2::Digest;
 
+use super::crypt::{self, EpochKey};
 use super::sign::{SigningKey, VerifyKeys};
 
 pub const MAGIC: &[u8; 4] = b"WVLT";
@@ -70,6 +73,8 @@ pub enum ObjectKind {
     BackupPart = 5,
     /// Metadata: backup descriptions, manifests, indexes.
     Metadata = 6,
+    /// An epoch data key, age-encrypted to the archive's recipients (`keys/<epoch id>`).
+    Key = 7,
 }
 
 impl ObjectKind {
@@ -81,6 +86,7 @@ impl ObjectKind {
             4 => ObjectKind::History,
             5 => ObjectKind::BackupPart,
             6 => ObjectKind::Metadata,
+            7 => ObjectKind::Key,
             _ => return None,
         })
     }
@@ -105,8 +111,8 @@ pub struct Header {
     pub metadata_len: u32,
     pub payload_len: u64,
     pub payload_crc: u32,
-    /// Length of the encryption block.
-    pub encryption_len: u32,
+    /// The encryption block, when the object is encrypted.
+    pub encryption_block: Option<crypt::Block>,
     /// The signature block, when the object is signed: SHA-256 of the payload and signature.
     pub signature: Option<([u8; 32], [u8; 64])>,
 }
@@ -116,7 +122,7 @@ impl Header {
     pub fn payload_offset(&self) -> usize {
         HEADER_LEN
             + self.metadata_len as usize
-            + self.encryption_len as usize
+            + if self.encryption_block.is_some() { crypt::BLOCK_LEN } else { 0 }
             + if self.signature.is_some() { SIGNATURE_BLOCK_LEN } else { 0 }
     }
 }
@@ -132,8 +138,14 @@ pub enum EnvelopeError {
     UnsupportedVersion { key: String, version: u16 },
     #[error("object {key}: corrupt: {what}\nHINT: the object was damaged in storage or transit; do not trust it")]
     Corrupt { key: String, what: String },
-    #[error("object {key}: is encrypted (scheme {scheme}), and this build cannot decrypt it")]
-    Encrypted { key: String, scheme: u8 },
+    #[error("object {key}: encrypted with an unknown scheme {scheme}\nHINT: upgrade walvault")]
+    UnknownEncryption { key: String, scheme: u8 },
+    #[error("object {key}: is encrypted (epoch key {epoch}), and no key to read it was given\nHINT: pass walvault-recover the age identity the archive is encrypted to (--identity FILE) or its passphrase (--passphrase-file FILE)")]
+    Encrypted { key: String, epoch: String },
+    #[error("object {key}: does not decrypt with its epoch key {epoch}\nHINT: the object was altered, or moved or renamed in the archive (its key is bound to its name); do not trust it")]
+    Decrypt { key: String, epoch: String },
+    #[error("object {key}: should be encrypted (the archive is) but is stored in clear\nHINT: someone without the keys wrote it; do not trust it")]
+    NotEncrypted { key: String },
     #[error("object {key}: expected a {expected:?} object, found {found:?}")]
     WrongKind { key: String, expected: ObjectKind, found: ObjectKind },
     #[error("object {key}: claims {claimed} bytes of content, more than the {limit} a {what} may hold; refused before reading it\nHINT: the object was forged or damaged; do not trust this archive location")]
@@ -147,26 +159,31 @@ pub enum EnvelopeError {
 impl EnvelopeError {
     /// A failure of authenticity (as opposed to plain damage).
     pub fn is_authenticity(&self) -> bool {
-        matches!(self, EnvelopeError::Unsigned { .. } | EnvelopeError::BadSignature { .. })
+        matches!(
+            self,
+            EnvelopeError::Unsigned { .. } | EnvelopeError::BadSignature { .. } | EnvelopeError::Decrypt { .. }
+        )
     }
 }
 
-/// How an object is sealed when written: its name (the signature binds it) and the agent's
-/// signing key, if any.
+/// How an object is sealed when written: its name (the signature and the encryption key bind
+/// it), the agent's signing key and the epoch key to encrypt with, if any.
 #[derive(Clone, Copy)]
 pub struct Seal<'a> {
     pub key: &'a str,
     pub signer: Option<&'a SigningKey>,
+    pub epoch: Option<&'a EpochKey>,
 }
 
 impl<'a> Seal<'a> {
     pub fn unsigned(key: &'a str) -> Self {
-        Seal { key, signer: None }
+        Seal { key, signer: None, epoch: None }
     }
 }
 
-/// What a reader accepts for one object: its kind, an upper bound on its plain length, and
-/// the key its signature must verify with (`None`: signatures are not checked).
+/// What a reader accepts for one object: its kind, an upper bound on its plain length, the
+/// keys its signature must verify with (`None`: signatures are not checked), and the epoch key
+/// to decrypt it with (an encrypted object without one is refused as encrypted).
 #[derive(Clone, Copy, Debug)]
 pub struct Expect<'a> {
     pub kind: Option<ObjectKind>,
@@ -174,11 +191,12 @@ pub struct Expect<'a> {
     pub max_plain: u64,
     pub what: &'static str,
     pub verify: Option<&'a VerifyKeys>,
+    pub epoch: Option<&'a EpochKey>,
 }
 
 impl<'a> Expect<'a> {
     pub fn new(kind: ObjectKind, max_plain: u64, what: &'static str, verify: Option<&'a VerifyKeys>) -> Self {
-        Expect { kind: Some(kind), max_plain, what, verify }
+        Expect { kind: Some(kind), max_plain, what, verify, epoch: None }
     }
 }
 
@@ -221,13 +239,18 @@ pub fn encode_raw(
     seal: Seal<'_>,
 ) -> Vec<u8> {
     assert!(meta.len() <= MAX_METADATA_LEN as usize, "metadata too large");
+    let encrypted = seal.epoch.map(|e| e.seal(seal.key, payload));
+    let (enc_block, payload): (&[u8], &[u8]) = match &encrypted {
+        Some((block, ct)) => (block, ct),
+        None => (&[], payload),
+    };
     let sig_len = if seal.signer.is_some() { SIGNATURE_BLOCK_LEN } else { 0 };
-    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + sig_len + payload.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + enc_block.len() + sig_len + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.push(kind as u8);
     out.push(compression as u8);
-    out.push(0); // encryption: none
+    out.push(if encrypted.is_some() { crypt::SCHEME } else { 0 });
     out.push(u8::from(seal.signer.is_some()));
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&plain_len.to_le_bytes());
@@ -235,19 +258,21 @@ pub fn encode_raw(
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let mut signed_blocks = meta.to_vec();
+    signed_blocks.extend_from_slice(enc_block);
     let mut block = Vec::new();
     if let Some(signer) = seal.signer {
         let sha: [u8; 32] = sha2::Sha256::digest(payload).into();
-        let sig = signer.sign(&signed_message(seal.key, &out[..40], meta, &sha));
+        let sig = signer.sign(&signed_message(seal.key, &out[..40], &signed_blocks, &sha));
         block.extend_from_slice(&sha);
         block.extend_from_slice(&sig);
     }
     let mut h = crc32fast::Hasher::new();
     h.update(&out[..40]);
-    h.update(meta);
+    h.update(&signed_blocks);
     h.update(&block);
     out.extend_from_slice(&h.finalize().to_le_bytes());
-    out.extend_from_slice(meta);
+    out.extend_from_slice(&signed_blocks);
     out.extend_from_slice(&block);
     out.extend_from_slice(payload);
     out
@@ -285,7 +310,11 @@ pub fn decode_header<'a>(
     // Before the crc is checked nothing is trusted, but the block lengths follow from the codes.
     let encryption = bytes[8];
     let signature_code = if version >= 2 { bytes[9] } else { 0 };
-    let encryption_len = 0usize; // no scheme with a block exists yet
+    let encryption_len = match encryption {
+        0 => 0,
+        crypt::SCHEME if version >= 2 => crypt::BLOCK_LEN,
+        scheme => return Err(EnvelopeError::UnknownEncryption { key: key.to_string(), scheme }),
+    };
     let sig_len = if signature_code == 1 { SIGNATURE_BLOCK_LEN } else { 0 };
     let meta_end = HEADER_LEN + metadata_len as usize;
     let end = meta_end + encryption_len + sig_len;
@@ -314,9 +343,8 @@ pub fn decode_header<'a>(
         1 => Compression::Zstd,
         _ => return Err(corrupt("unknown compression")),
     };
-    if encryption != 0 {
-        return Err(EnvelopeError::Encrypted { key: key.to_string(), scheme: encryption });
-    }
+    let encryption_block = (encryption_len > 0)
+        .then(|| crypt::Block::parse(&bytes[meta_end..meta_end + encryption_len]).expect("length checked"));
     let signature = (sig_len > 0).then(|| {
         let b = &bytes[meta_end + encryption_len..end];
         (b[..32].try_into().expect("32 bytes"), b[32..].try_into().expect("64 bytes"))
@@ -340,7 +368,7 @@ pub fn decode_header<'a>(
         metadata_len,
         payload_len: u64::from_le_bytes(bytes[28..36].try_into().expect("8 bytes")),
         payload_crc: u32_at(36),
-        encryption_len: encryption_len as u32,
+        encryption_block,
         signature,
     };
     Ok((header, &bytes[HEADER_LEN..meta_end]))
@@ -409,6 +437,17 @@ pub fn decode(key: &str, bytes: &[u8], expect: &Expect<'_>) -> Result<Decoded, E
     }
     let payload = &bytes[header.payload_offset()..];
     check_payload(key, &header, payload)?;
+    let clear;
+    let payload = match &header.encryption_block {
+        None => payload,
+        Some(block) => {
+            let epoch = block.epoch_hex();
+            let k = expect.epoch.filter(|k| k.id == block.epoch);
+            let Some(k) = k else { return Err(EnvelopeError::Encrypted { key: key.to_string(), epoch }) };
+            clear = k.open(key, block, payload).map_err(|_| EnvelopeError::Decrypt { key: key.to_string(), epoch })?;
+            &clear[..]
+        }
+    };
     let content = decompress(key, &header, payload)?;
     Ok(Decoded { header, metadata: meta.to_vec(), content })
 }
@@ -419,6 +458,7 @@ fn decompress(key: &str, header: &Header, payload: &[u8]) -> Result<Vec<u8>, Env
     let corrupt = |what: String| EnvelopeError::Corrupt { key: key.to_string(), what };
     let content = match header.compression {
         Compression::None => {
+            // (Encrypted or not, `payload` here is the plain content's stored form.)
             if payload.len() as u64 != header.plain_len {
                 return Err(corrupt("stored length differs from plain length".into()));
             }
@@ -462,7 +502,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn loose(max: u64) -> Expect<'static> {
-        Expect { kind: None, max_plain: max, what: "test object", verify: None }
+        Expect { kind: None, max_plain: max, what: "test object", verify: None, epoch: None }
     }
 
     #[test]
@@ -525,7 +565,7 @@ mod tests {
             content,
             Compression::None,
             0,
-            Seal { key, signer: Some(&sk) },
+            Seal { key, signer: Some(&sk), epoch: None },
         );
         assert_eq!(obj.len(), 87 + 96);
         assert_eq!(&obj[..12], &[0x57, 0x56, 0x4c, 0x54, 2, 0, 4, 0, 0, 1, 0, 0]);
@@ -562,7 +602,7 @@ mod tests {
             b"real data",
             Compression::Zstd,
             1,
-            Seal { key, signer: Some(&sk) },
+            Seal { key, signer: Some(&sk), epoch: None },
         );
         // A bucket writer re-encodes other content and keeps the old signature block.
         let (h, _) = decode_header(key, &good, None).unwrap();
@@ -623,7 +663,7 @@ mod tests {
                     &plain,
                     compression,
                     1,
-                    Seal { key: "k", signer },
+                    Seal { key: "k", signer, epoch: None },
                 );
                 for i in 0..obj.len() {
                     for bit in 0..8 {

@@ -32,6 +32,9 @@ pub struct Identity {
     /// When the repository was stamped.
     #[serde(with = "crate::time::rfc3339")]
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// `age` when the archive's content is encrypted (see `archive::crypt`); absent in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 impl Identity {
@@ -42,6 +45,7 @@ impl Identity {
             pg_major,
             wal_segment_size,
             created_at: crate::time::now(),
+            encryption: None,
         }
     }
 
@@ -99,10 +103,38 @@ pub async fn load_existing(reader: &Reader) -> anyhow::Result<Identity> {
 /// signing key re-stamps an unsigned identity (same fields) with its signature, so that readers
 /// with `--verify-key` can open an archive that was signed only later (its older objects stay
 /// unsigned, and are refused by them).
+///
+/// Encryption fails closed: a writer without encryption refuses an encrypted archive, and a
+/// writer with encryption refuses an archive that already holds data in clear (an archive with
+/// nothing but its identity is re-stamped as encrypted).
 pub async fn ensure(writer: &Writer, ours: &Identity) -> anyhow::Result<Identity> {
     let reader = Reader::new(writer.store().clone(), None);
-    if let Some(existing) = load(&reader).await? {
+    if let Some(mut existing) = load(&reader).await? {
         existing.check_compatible(ours, &reader.url())?;
+        match (existing.encryption.is_some(), writer.encrypts()) {
+            (true, false) => {
+                return Err(Mismatch(format!(
+                    "archive {} is encrypted, and no recipients were given\nHINT: give the agent the archive's recipients (--encrypt-recipient age1…, --encrypt-recipients-file FILE or --encrypt-passphrase-file FILE); it never writes in clear into an encrypted archive",
+                    reader.url()
+                ))
+                .into())
+            }
+            (false, true) if holds_data(writer).await? => {
+                return Err(Mismatch(format!(
+                    "archive {} already holds data in clear, and encryption is configured\nHINT: encrypt into a new archive prefix (keep this one for its retention), or drop the encryption settings; walvault never mixes clear and encrypted content in one archive (docs/operations.md, \"Encryption\")",
+                    reader.url()
+                ))
+                .into())
+            }
+            (false, true) => {
+                existing.encryption = Some("age".into());
+                let obj = writer.encode(names::IDENTITY, ObjectKind::Identity, &existing, b"", Compression::None, 0);
+                writer.put_overwrite(names::IDENTITY, obj).await?;
+                tracing::info!("stamped the (still empty) archive as encrypted");
+                return Ok(existing);
+            }
+            _ => {}
+        }
         if writer.signer().is_some() {
             let (h, _) = reader.read_meta(names::IDENTITY, ObjectKind::Identity).await?;
             if h.signature.is_none() {
@@ -113,17 +145,30 @@ pub async fn ensure(writer: &Writer, ours: &Identity) -> anyhow::Result<Identity
         }
         return Ok(existing);
     }
-    let obj = writer.encode(names::IDENTITY, ObjectKind::Identity, ours, b"", Compression::None, 0);
+    let ours = Identity { encryption: writer.encrypts().then(|| "age".to_string()), ..ours.clone() };
+    let obj = writer.encode(names::IDENTITY, ObjectKind::Identity, &ours, b"", Compression::None, 0);
     match writer.store().put(names::IDENTITY, obj, PutMode::IfAbsent).await {
         Ok(()) => Ok(ours.clone()),
         Err(StorageError::AlreadyExists { .. }) => {
             let existing =
                 load(&reader).await?.ok_or_else(|| anyhow::anyhow!("identity vanished after a write-once conflict"))?;
-            existing.check_compatible(ours, &reader.url())?;
+            existing.check_compatible(&ours, &reader.url())?;
             Ok(existing)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the archive holds any WAL or backup object.
+async fn holds_data(writer: &Writer) -> anyhow::Result<bool> {
+    use futures::TryStreamExt;
+    for prefix in [names::WAL_PREFIX, names::BACKUPS_PREFIX] {
+        let mut l = writer.store().list(prefix);
+        if l.try_next().await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[cfg(test)]

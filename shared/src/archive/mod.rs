@@ -5,6 +5,7 @@
 //! * [`envelope`]: the versioned, checksummed, compressed, optionally signed container every
 //!   object is stored in.
 //! * [`sign`]: the agent's Ed25519 signing key and the readers' verify key.
+//! * [`crypt`]: encryption at rest: epoch keys wrapped to age recipients, the per-object AEAD.
 //! * [`identity`]: the repository's identity stamp, which keeps WAL of one cluster out of
 //!   another cluster's archive.
 //! * [`walcat`]: what WAL an archive holds (a catalogue of one listing) and WAL object metadata.
@@ -14,6 +15,7 @@
 //! * [`write`]: [`write::Writer`], sealed write-once puts with the split-brain check.
 
 pub mod backup;
+pub mod crypt;
 pub mod envelope;
 pub mod identity;
 pub mod index;

@@ -13,11 +13,14 @@
 //! | backup writer lock | `backups/<backup id>/backup.lock` | `backups/20261126T141500Z/backup.lock` |
 //! | commit index batch | `index/batch/<day>/<HHMMSS>-<first LSN>` | `index/batch/2026-11-26/141503-0000000003000000` |
 //! | commit index of a day | `index/day/<day>` | `index/day/2026-11-26` |
+//! | epoch key (encryption) | `keys/<epoch id>` | `keys/0f1e2d3c4b5a69788796a5b4c3d2e1f0` |
 //!
 //! `TTTTTTTT` is the timeline in 8 upper-case hex digits; `<start>`/`<end>` are LSNs as 16
 //! upper-case hex digits, `end` exclusive, so chunks sort by position and a chunk's range is in
-//! its name. A backup id is the backup's start time, `YYYYMMDDTHHMMSSZ` (UTC). Every object is
-//! stored in the envelope of [`super::envelope`]; a name says nothing about compression.
+//! its name. A backup id is the backup's start time, `YYYYMMDDTHHMMSSZ` (UTC). An epoch id is
+//! 32 lower-case hex digits (16 random bytes). Every object is stored in the envelope of
+//! [`super::envelope`]; a name says nothing about compression or encryption. Which objects are
+//! encrypted when the archive is: [`is_confidential`].
 
 use crate::lsn::{Lsn, TimelineId};
 use crate::wal::{history_file_name, parse_history_file_name, SegmentName};
@@ -26,6 +29,27 @@ pub const IDENTITY: &str = "walvault.repository";
 pub const WAL_PREFIX: &str = "wal/";
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const INDEX_PREFIX: &str = "index/";
+pub const KEYS_PREFIX: &str = "keys/";
+
+/// An epoch key object (its id as 32 hex digits).
+pub fn epoch_key(id_hex: &str) -> String {
+    format!("keys/{id_hex}")
+}
+
+/// Whether an object carries database content, and so is encrypted when the archive is: WAL
+/// chunks and segments, backup parts and manifests. (The identity, history files, backup
+/// descriptions and locks, the commit index and key objects carry metadata only.)
+pub fn is_confidential(key: &str) -> bool {
+    matches!(
+        parse(key, crate::lsn::DEFAULT_SEGMENT_SIZE),
+        Some(
+            ArchiveKey::Segment(_)
+                | ArchiveKey::Chunk { .. }
+                | ArchiveKey::BackupPart { .. }
+                | ArchiveKey::BackupManifest { .. }
+        )
+    ) || key.starts_with(WAL_PREFIX) && !key.ends_with(".history")
+}
 
 /// A batch of chunk records (`day` = UTC day of the batch's first durable time).
 pub fn index_batch(day: &str, hhmmss: &str, first: Lsn) -> String {
@@ -95,6 +119,7 @@ pub enum ArchiveKey {
     BackupLock { id: String },
     IndexBatch { day: String },
     IndexDay { day: String },
+    EpochKey { id: String },
 }
 
 /// Parse a key back into what it names; `None` for a key that is not in the catalogue.
@@ -129,6 +154,10 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
             return None;
         }
         return Some(ArchiveKey::Chunk { segment: seg, start, end });
+    }
+    if let Some(rest) = key.strip_prefix(KEYS_PREFIX) {
+        let ok = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        return ok.then(|| ArchiveKey::EpochKey { id: rest.to_string() });
     }
     if let Some(rest) = key.strip_prefix("index/day/") {
         return is_day(rest).then(|| ArchiveKey::IndexDay { day: rest.to_string() });
@@ -208,6 +237,10 @@ mod tests {
             (backup_lock(&id), ArchiveKey::BackupLock { id: id.clone() }),
             (index_batch("2026-11-26", "141503", Lsn(0x3000000)), ArchiveKey::IndexBatch { day: "2026-11-26".into() }),
             (index_day("2026-11-26"), ArchiveKey::IndexDay { day: "2026-11-26".into() }),
+            (
+                epoch_key("0f1e2d3c4b5a69788796a5b4c3d2e1f0"),
+                ArchiveKey::EpochKey { id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into() },
+            ),
         ];
         for (key, want) in cases {
             crate::storage::validate_key("t", &key).unwrap();

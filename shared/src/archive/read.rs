@@ -3,7 +3,10 @@
 //!
 //! [`Reader`] fetches an object with a bound on its size chosen by its kind ([`limits`]),
 //! checks the envelope (checksums, and with a verify key the signature, before any byte is
-//! used) and decompresses it with the same bound. On top of that it knows the archive's
+//! used), decrypts it (unwrapping its epoch key with the reader's age identity, once per
+//! epoch) and decompresses it with the same bound. A reader given an identity refuses a
+//! confidential object stored in clear: in an encrypted archive only someone without the keys
+//! writes those. On top of that it knows the archive's
 //! vocabulary: the identity, the WAL catalogue from one listing, WAL byte ranges assembled from
 //! chunks and segments together with their chunk records, and commit statistics.
 //!
@@ -16,10 +19,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 
+use super::crypt::{EpochKey, Identities};
 use super::envelope::{self, Decoded, Expect, Header, ObjectKind};
 use super::names::{self, ArchiveKey};
 use super::sign::VerifyKeys;
 use super::walcat::{ChunkRecord, CommitStats, WalCatalog, WalObjectMeta};
+use super::write::KeyMeta;
 use crate::lsn::{Lsn, TimelineId};
 use crate::storage::{ObjectMeta, ObjectStore, StorageError};
 
@@ -34,6 +39,8 @@ pub mod limits {
     pub const DESCRIPTION: u64 = 1 << 20;
     /// A commit index object (a day of 1-second chunks is ~20 MiB).
     pub const INDEX: u64 = 256 << 20;
+    /// An epoch key object: an age file holding 48 bytes, a stanza per recipient.
+    pub const KEY: u64 = 1 << 20;
     /// A backup manifest, before the description's own `manifest_bytes` narrows it.
     pub const MANIFEST: u64 = 1 << 30;
     /// A backup part, before the description's own `plain_len` narrows it; the agent refuses
@@ -59,6 +66,7 @@ impl Want {
     pub const DESCRIPTION: Want =
         Want { kind: ObjectKind::Metadata, max_plain: limits::DESCRIPTION, what: "backup description" };
     pub const INDEX: Want = Want { kind: ObjectKind::Metadata, max_plain: limits::INDEX, what: "commit index" };
+    pub const KEY: Want = Want { kind: ObjectKind::Key, max_plain: limits::KEY, what: "epoch key" };
 
     pub fn segment(segment_size: u64) -> Want {
         Want { kind: ObjectKind::WalSegment, max_plain: segment_size, what: "WAL segment" }
@@ -79,13 +87,68 @@ impl Want {
 pub struct Reader {
     store: Arc<dyn ObjectStore>,
     verify: Option<Arc<VerifyKeys>>,
+    identities: Option<Arc<Identities>>,
+    /// Epoch keys unwrapped so far.
+    epochs: Arc<tokio::sync::Mutex<BTreeMap<[u8; 16], Arc<EpochKey>>>>,
 }
 
 impl Reader {
     /// `verify`: the key every object's signature must verify with (never taken from the
     /// archive); `None` checks integrity only.
     pub fn new(store: Arc<dyn ObjectStore>, verify: Option<VerifyKeys>) -> Self {
-        Reader { store, verify: verify.map(Arc::new) }
+        Reader { store, verify: verify.map(Arc::new), identities: None, epochs: Default::default() }
+    }
+
+    /// Decrypt with these age identities (or passphrase); confidential objects in clear are
+    /// then refused.
+    pub fn with_identities(mut self, identities: Option<Identities>) -> Self {
+        self.identities = identities.map(Arc::new);
+        self
+    }
+
+    pub fn has_identities(&self) -> bool {
+        self.identities.is_some()
+    }
+
+    /// The epoch key with id `epoch`, unwrapped once with the reader's identities.
+    pub async fn epoch_key(&self, epoch: &[u8; 16]) -> Result<Arc<EpochKey>> {
+        let mut cache = self.epochs.lock().await;
+        if let Some(k) = cache.get(epoch) {
+            return Ok(k.clone());
+        }
+        let id = hex::encode(epoch);
+        let key = names::epoch_key(&id);
+        let Some(ids) = &self.identities else {
+            bail!("the archive is encrypted (epoch key {id}), and no key to read it was given\nHINT: pass the age identity the archive is encrypted to (--identity FILE) or its passphrase (--passphrase-file FILE)");
+        };
+        // Key objects are read without a signature check: a forged one can only hold a key
+        // the forger chose, and every object it would decrypt must still carry a valid
+        // signature (with --verify-key) and authenticate under it.
+        let raw = match self.store.get_bounded(&key, envelope::max_stored_len(limits::KEY)).await {
+            Ok(raw) => raw,
+            Err(e) if e.is_not_found() => bail!("epoch key object {key} is missing\nHINT: the objects of that epoch cannot be decrypted; was the keys/ prefix deleted?"),
+            Err(e) => return Err(e.into()),
+        };
+        let want = Want::KEY;
+        let d = envelope::decode(
+            &key,
+            &raw,
+            &Expect { kind: Some(want.kind), max_plain: want.max_plain, what: want.what, verify: None, epoch: None },
+        )?;
+        let meta: KeyMeta = d.metadata_as(&key)?;
+        let Some(k) = ids.unwrap(&d.content)? else {
+            bail!(
+                "the identity given cannot unwrap epoch key {id}: it is wrapped to {}{}\nHINT: give the identity (or passphrase) of one of those recipients; after a rekey, the new one",
+                meta.recipients.join(", "),
+                ids.fingerprints().map(|f| format!(" (yours: {})", f.join(", "))).unwrap_or_default()
+            );
+        };
+        if k.id != *epoch {
+            bail!("epoch key object {key} holds the key of another epoch ({}); refusing it", k.id_hex());
+        }
+        let k = Arc::new(k);
+        cache.insert(*epoch, k.clone());
+        Ok(k)
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -101,7 +164,13 @@ impl Reader {
     }
 
     fn expect(&self, want: Want) -> Expect<'_> {
-        Expect { kind: Some(want.kind), max_plain: want.max_plain, what: want.what, verify: self.verify.as_deref() }
+        Expect {
+            kind: Some(want.kind),
+            max_plain: want.max_plain,
+            what: want.what,
+            verify: self.verify.as_deref(),
+            epoch: None,
+        }
     }
 
     /// The whole object, checked; a missing object is an error.
@@ -116,12 +185,28 @@ impl Reader {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // Which epoch key, if the object is encrypted (the header is checked here, and again by
+        // the full decode).
+        let (h, _) = envelope::decode_header(key, &raw, self.verify.as_deref())?;
+        let epoch = match &h.encryption_block {
+            Some(b) => Some(self.epoch_key(&b.epoch).await?),
+            None if self.identities.is_some() && names::is_confidential(key) => {
+                return Err(envelope::EnvelopeError::NotEncrypted { key: key.to_string() }.into());
+            }
+            None => None,
+        };
         let key = key.to_string();
         let verify = self.verify.clone();
-        // Checksums and decompression are CPU work: off the async threads for big objects.
+        // Checksums, decryption and decompression are CPU work: off the async threads for big
+        // objects.
         let decode = move || {
-            let e =
-                Expect { kind: Some(want.kind), max_plain: want.max_plain, what: want.what, verify: verify.as_deref() };
+            let e = Expect {
+                kind: Some(want.kind),
+                max_plain: want.max_plain,
+                what: want.what,
+                verify: verify.as_deref(),
+                epoch: epoch.as_deref(),
+            };
             envelope::decode(&key, &raw, &e)
         };
         let d = if want.max_plain > (1 << 20) {

@@ -56,6 +56,12 @@ pub struct S3Options {
     pub attempt_timeout: Duration,
     /// Explicit keys instead of the AWS chain (config files; tests). Never printed.
     pub credentials: Option<StaticCredentials>,
+    /// Server-side encryption asked of the store for every object (`AES256` for SSE-S3,
+    /// `aws:kms` for SSE-KMS): a complement to walvault's own encryption, not a substitute
+    /// (the provider holds those keys).
+    pub sse: Option<String>,
+    /// The KMS key for `aws:kms` (else the bucket's default).
+    pub sse_kms_key_id: Option<String>,
 }
 
 /// An access key pair given explicitly. `Debug` hides the secret.
@@ -86,7 +92,18 @@ impl Default for S3Options {
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(60),
             credentials: None,
+            sse: None,
+            sse_kms_key_id: None,
         }
+    }
+}
+
+/// Parse `--s3-sse`: `aes256` (SSE-S3) or `aws:kms` (SSE-KMS).
+pub fn parse_sse(s: &str) -> anyhow::Result<String> {
+    match s.to_ascii_lowercase().as_str() {
+        "aes256" | "sse-s3" => Ok("AES256".into()),
+        "aws:kms" | "kms" | "sse-kms" => Ok("aws:kms".into()),
+        _ => anyhow::bail!("invalid server-side encryption {s:?}\nHINT: use aes256 (SSE-S3) or aws:kms (SSE-KMS, with --s3-sse-kms-key-id)"),
     }
 }
 
@@ -176,6 +193,12 @@ impl S3Store {
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
+        if let Some(sse) = &self.opts.sse {
+            req = req.server_side_encryption(sse.as_str().into());
+            if let Some(k) = &self.opts.sse_kms_key_id {
+                req = req.ssekms_key_id(k);
+            }
+        }
         req.send().await.map(|_| ()).map_err(|e| self.map_err("put", key, e))
     }
 
@@ -195,14 +218,14 @@ impl S3Store {
                 Err(e) => return Err(e),
             }
         }
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| self.map_err("put", key, e))?;
+        let mut create = self.client.create_multipart_upload().bucket(&self.bucket).key(full);
+        if let Some(sse) = &self.opts.sse {
+            create = create.server_side_encryption(sse.as_str().into());
+            if let Some(k) = &self.opts.sse_kms_key_id {
+                create = create.ssekms_key_id(k);
+            }
+        }
+        let created = create.send().await.map_err(|e| self.map_err("put", key, e))?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| StorageError::permanent("put", key, "store returned no multipart upload id"))?

@@ -115,7 +115,7 @@ async fn outage_shows_as_rpo_window_and_gaps_are_exact() {
         ) {
             continue;
         }
-        let loose = envelope::Expect { kind: None, max_plain: 16 << 20, what: "test", verify: None };
+        let loose = envelope::Expect { kind: None, max_plain: 16 << 20, what: "test", verify: None, epoch: None };
         let d = envelope::decode(&m.key, &store.get(&m.key).await.unwrap(), &loose).unwrap();
         let mut meta: serde_json::Value = serde_json::from_slice(&d.metadata).unwrap();
         meta.as_object_mut().unwrap().remove("commits");

@@ -4,6 +4,7 @@
 mod agent_stream;
 mod audit;
 mod backup_restore;
+mod encryption;
 mod harness;
 mod operator;
 mod security;

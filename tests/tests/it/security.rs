@@ -35,7 +35,8 @@ async fn count(pg: &PgCluster, table: &str) -> i64 {
 /// Decode an object without checks beyond integrity (as a bucket writer reads it).
 async fn read_any(store: &dyn ObjectStore, key: &str) -> envelope::Decoded {
     let raw = store.get(key).await.unwrap();
-    envelope::decode(key, &raw, &Expect { kind: None, max_plain: 1 << 30, what: "test", verify: None }).unwrap()
+    envelope::decode(key, &raw, &Expect { kind: None, max_plain: 1 << 30, what: "test", verify: None, epoch: None })
+        .unwrap()
 }
 
 /// Every file and directory under `root`: nothing for others, no setuid/setgid on files.
