@@ -1,6 +1,13 @@
-//! A streaming WAL reader: enough of PostgreSQL's page and record format (PostgreSQL 15+) to
-//! find transaction commits and aborts (plain and two-phase), prepares and restore points,
-//! with their LSNs, xids and timestamps.
+//! A streaming WAL reader: enough of PostgreSQL's page and record format (PostgreSQL 15, 16, 17
+//! and 18) to find transaction commits and aborts (plain and two-phase), prepares and restore
+//! points, with their LSNs, xids and timestamps.
+//!
+//! Majors: the page header's magic (`XLOG_PAGE_MAGIC`) says which one wrote the WAL: 0xD110
+//! (15), 0xD113 (16), 0xD116 (17), 0xD118 (18). Page, record and block headers and the xact
+//! record layouts are the same in all four except `xl_xact_stats_item` (dropped statistics in
+//! commit and abort records), 12 bytes up to 17 and 16 bytes in 18 (`objid` became 64-bit).
+//! A magic not in this list, or one that changes within a stream, ends the stream: the reader
+//! does not guess at layouts it does not know.
 //!
 //! Feed it WAL bytes in order ([`WalReader::feed`]) from the start of a segment; it returns the
 //! events whose records *end* in the bytes fed so far (a commit is durable once its last byte
@@ -88,6 +95,27 @@ pub struct WalReader {
     /// After an `XLOG_SWITCH`: skip everything up to this segment start.
     skip_to: Option<u64>,
     ended: bool,
+    /// The page magic seen first, and the record layout it implies.
+    magic: Option<u16>,
+    layout: Layout,
+}
+
+/// What differs between majors in the records the reader decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes of `xl_xact_stats_item`.
+    pub stats_item: usize,
+}
+
+/// The major version a WAL page magic belongs to, and its record layout.
+pub fn layout_of(magic: u16) -> Option<(u32, Layout)> {
+    Some(match magic {
+        0xD110 => (15, Layout { stats_item: 12 }),
+        0xD113 => (16, Layout { stats_item: 12 }),
+        0xD116 => (17, Layout { stats_item: 12 }),
+        0xD118 => (18, Layout { stats_item: 16 }),
+        _ => return None,
+    })
 }
 
 impl WalReader {
@@ -105,7 +133,14 @@ impl WalReader {
             header: Vec::new(),
             skip_to: None,
             ended: false,
+            magic: None,
+            layout: Layout { stats_item: 12 },
         }
+    }
+
+    /// The PostgreSQL major whose WAL this is, once a page header was read.
+    pub fn major(&self) -> Option<u32> {
+        self.magic.and_then(layout_of).map(|(m, _)| m)
     }
 
     pub fn position(&self) -> Lsn {
@@ -131,7 +166,10 @@ impl WalReader {
                 continue;
             }
             let page_off = self.pos.0 % self.block_size;
-            let hdr_len = if self.pos.0 % self.segment_size == 0 { LONG_PHD } else { SHORT_PHD };
+            // A segment's first page has the long header (decided by where the page
+            // starts: the header itself may arrive in pieces).
+            let page_start = self.pos.0 - page_off;
+            let hdr_len = if page_start % self.segment_size == 0 { LONG_PHD } else { SHORT_PHD };
             // A page header is due at every page start (tracked by `header` while incomplete).
             if page_off < hdr_len && (page_off == 0 || !self.header.is_empty()) {
                 let need = (hdr_len - page_off) as usize;
@@ -183,7 +221,7 @@ impl WalReader {
             if self.rec.len() >= RECORD_HEADER && self.rec.len() == self.tot_len() as usize {
                 self.in_record = false;
                 let rec = std::mem::take(&mut self.rec);
-                if let Some(ev) = decode(&rec, self.rec_start, self.pos) {
+                if let Some(ev) = decode(&rec, self.rec_start, self.pos, self.layout) {
                     out.push(ev);
                 }
                 if rec[17] == RM_XLOG_ID
@@ -208,10 +246,22 @@ impl WalReader {
         let pageaddr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
         let rem_len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
         let page_start = self.pos.0 - h.len() as u64;
-        // Magic differs per major (0xD110 for 15); it only has to be non-zero and consistent.
-        if magic == 0 || pageaddr != page_start {
+        if pageaddr != page_start || self.magic.is_some_and(|m| m != magic) {
             self.ended = true;
             return;
+        }
+        if self.magic.is_none() {
+            match layout_of(magic) {
+                Some((_, layout)) => {
+                    self.magic = Some(magic);
+                    self.layout = layout;
+                }
+                None => {
+                    // Zeros (the end of WAL) or a major this reader does not know.
+                    self.ended = true;
+                    return;
+                }
+            }
         }
         if h.len() as u64 == LONG_PHD {
             let blcksz = u32::from_le_bytes(h[36..40].try_into().expect("4 bytes")) as u64;
@@ -239,11 +289,15 @@ fn i64_at(b: &[u8], o: usize) -> Option<i64> {
     Some(i64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-/// The record's main data (its last bytes), found by walking the block headers.
+/// The record's main data (its last bytes), found by walking the block headers as
+/// `DecodeXLogRecord` does: headers continue while more bytes remain than the data they
+/// announce (block data and images), so a record with block images and no main data is read
+/// right.
 fn main_data(rec: &[u8]) -> Option<&[u8]> {
     let mut off = RECORD_HEADER;
     let mut main_len = 0usize;
-    while off < rec.len() {
+    let mut datatotal = 0usize;
+    while rec.len().checked_sub(off)? > datatotal {
         let id = *rec.get(off)?;
         off += 1;
         match id {
@@ -259,9 +313,13 @@ fn main_data(rec: &[u8]) -> Option<&[u8]> {
             252 => off += 4,
             0..=32 => {
                 let fork_flags = *rec.get(off)?;
+                let data_len = u16::from_le_bytes(rec.get(off + 1..off + 3)?.try_into().ok()?) as usize;
+                datatotal += data_len;
                 off += 3; // fork_flags, data_length u16
                 if fork_flags & 0x10 != 0 {
                     // XLogRecordBlockImageHeader: length u16, hole_offset u16, bimg_info u8
+                    let img_len = u16::from_le_bytes(rec.get(off..off + 2)?.try_into().ok()?) as usize;
+                    datatotal += img_len;
                     let bimg_info = *rec.get(off + 4)?;
                     off += 5;
                     if bimg_info & 0x01 != 0 && bimg_info & (0x04 | 0x08 | 0x10) != 0 {
@@ -269,17 +327,20 @@ fn main_data(rec: &[u8]) -> Option<&[u8]> {
                     }
                 }
                 if fork_flags & 0x80 == 0 {
-                    off += 12; // RelFileNode
+                    off += 12; // RelFileLocator
                 }
                 off += 4; // BlockNumber
             }
             _ => return None,
         }
     }
+    if main_len == 0 {
+        return None;
+    }
     rec.get(rec.len().checked_sub(main_len)?..)
 }
 
-fn decode(rec: &[u8], lsn: Lsn, end: Lsn) -> Option<WalEvent> {
+fn decode(rec: &[u8], lsn: Lsn, end: Lsn, layout: Layout) -> Option<WalEvent> {
     let xid = u32_at(rec, 4)?;
     let info = rec[16];
     let rmid = rec[17];
@@ -310,9 +371,9 @@ fn decode(rec: &[u8], lsn: Lsn, end: Lsn) -> Option<WalEvent> {
             let ts = i64_at(d, 0)?;
             let mut xid = xid;
             if matches!(kind, EventKind::CommitPrepared | EventKind::AbortPrepared) && info & XLOG_XACT_HAS_INFO != 0 {
-                if let Some(x) = twophase_xid(d, kind == EventKind::CommitPrepared) {
-                    xid = x;
-                }
+                // The header's xid is 0 here; a record whose parts do not add up keeps it (the
+                // commit and its time still count).
+                xid = twophase_xid(d, kind == EventKind::CommitPrepared, layout).unwrap_or(xid);
             }
             Some(WalEvent { lsn, end, xid, kind, timestamp: ts })
         }
@@ -321,24 +382,30 @@ fn decode(rec: &[u8], lsn: Lsn, end: Lsn) -> Option<WalEvent> {
 }
 
 /// The prepared transaction's xid in a COMMIT/ABORT PREPARED record (`ParseCommitRecord`,
-/// `ParseAbortRecord`, PostgreSQL 15 layout).
-fn twophase_xid(d: &[u8], commit: bool) -> Option<u32> {
+/// `ParseAbortRecord`): after the timestamp and xinfo, the optional parts in their order, each
+/// a count and its items, then the two-phase xid. Every count is checked against the record.
+fn twophase_xid(d: &[u8], commit: bool, layout: Layout) -> Option<u32> {
     let xinfo = u32_at(d, 8)?;
-    let mut off = 12;
+    let mut off = 12usize;
+    let skip_items = |off: &mut usize, size: usize| -> Option<()> {
+        let n = u32_at(d, *off)? as usize;
+        *off = off.checked_add(4)?.checked_add(n.checked_mul(size)?)?;
+        (*off <= d.len()).then_some(())
+    };
     if xinfo & (1 << 0) != 0 {
         off += 8; // dbinfo
     }
     if xinfo & (1 << 1) != 0 {
-        off += 4 + 4 * u32_at(d, off)? as usize; // subxacts
+        skip_items(&mut off, 4)?; // subxacts
     }
     if xinfo & (1 << 2) != 0 {
-        off += 4 + 12 * u32_at(d, off)? as usize; // relfilenodes
+        skip_items(&mut off, 12)?; // relfilelocators
     }
     if xinfo & (1 << 8) != 0 {
-        off += 4 + 12 * u32_at(d, off)? as usize; // dropped stats
+        skip_items(&mut off, layout.stats_item)?; // dropped stats
     }
     if commit && xinfo & (1 << 3) != 0 {
-        off += 4 + 16 * u32_at(d, off)? as usize; // invalidation messages
+        skip_items(&mut off, 16)?; // invalidation messages
     }
     if xinfo & (1 << 4) != 0 {
         return u32_at(d, off);
