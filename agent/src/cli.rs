@@ -150,6 +150,22 @@ pub struct BackupOpts {
     /// Spread the backup's checkpoint instead of a fast one.
     #[arg(long, env = "WALVAULT_SPREAD_CHECKPOINT")]
     pub spread_checkpoint: bool,
+    /// Take incremental backups (PostgreSQL 17+, summarize_wal = on): only the blocks changed
+    /// since the newest backup. The first backup of an archive is full.
+    #[arg(long, env = "WALVAULT_INCREMENTAL")]
+    pub incremental: bool,
+    /// With --incremental: take a full backup instead once the chain's full backup is this old
+    /// (e.g. 7d: a full weekly, incrementals in between).
+    #[arg(long, env = "WALVAULT_FULL_EVERY", value_parser = humantime::parse_duration)]
+    pub full_every: Option<Duration>,
+    /// With --incremental: take a full backup when an incremental one cannot be taken (server
+    /// older than 17, summarize_wal off, no usable parent) instead of failing.
+    #[arg(long, env = "WALVAULT_FALLBACK_FULL")]
+    pub fallback_full: bool,
+    /// Keep copies of the manifests of the backups taken here (mode 0600): incrementals on an
+    /// encrypted archive need them, as the agent cannot decrypt the archive's copies.
+    #[arg(long, env = "WALVAULT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What to keep.

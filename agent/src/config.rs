@@ -80,6 +80,15 @@ pub struct FileConfig {
     pub no_backups: Option<bool>,
     /// `true`: spread the backup checkpoint (the flag `--spread-checkpoint`).
     pub spread_checkpoint: Option<bool>,
+    /// `true`: incremental backups (the flag `--incremental`).
+    pub incremental: Option<bool>,
+    /// A full backup when the chain's full one is this old ("7d"; the flag `--full-every`).
+    #[serde(default, with = "humantime_serde")]
+    pub full_every: Option<Duration>,
+    /// `true`: a full backup when an incremental cannot be taken (`--fallback-full`).
+    pub fallback_full: Option<bool>,
+    /// Where the agent keeps copies of its backups' manifests (`--state-dir`).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -237,9 +246,19 @@ pub fn backup(o: &BackupOpts, file: &FileConfig) -> Result<crate::basebackup::Ba
     if part_size as u64 > walvault_shared::archive::read::limits::PART || part_size < (1 << 20) {
         bail!("backup part size {part_size} is out of range: 1MiB to 1GiB");
     }
+    let incremental = o.incremental || file.incremental.unwrap_or(false);
+    if !incremental
+        && (o.full_every.or(file.full_every).is_some() || o.fallback_full || file.fallback_full.unwrap_or(false))
+    {
+        bail!("--full-every and --fallback-full apply to incremental backups only\nHINT: add --incremental (incremental = true in the config file)");
+    }
     Ok(crate::basebackup::BackupConfig {
         part_size,
         fast_checkpoint: !(o.spread_checkpoint || file.spread_checkpoint.unwrap_or(false)),
+        incremental,
+        full_every: o.full_every.or(file.full_every),
+        fallback_full: o.fallback_full || file.fallback_full.unwrap_or(false),
+        state_dir: o.state_dir.clone().or(file.state_dir.clone()),
         ..d
     })
 }

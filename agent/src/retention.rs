@@ -1,11 +1,14 @@
 //! Retention: which backups to keep, and the WAL they need.
 //!
 //! Rules (see docs/operations.md, "Retention"):
-//! * `retain_full = N` keeps the newest N complete backups;
+//! * `retain_full = N` keeps the newest N *full* backups and every incremental built on them;
 //! * `retain_days = D` keeps every backup that finished within the last D days, plus the newest
 //!   one that finished before that (it is needed to recover to the start of the window);
 //! * with both, a backup is kept if either rule keeps it; with neither, nothing is deleted;
-//!   the newest backup is always kept.
+//!   the newest backup is always kept;
+//! * chains stay whole: a kept incremental keeps its parent, and so on down to its full backup,
+//!   so a full backup is expired only together with all its incrementals; deletion goes newest
+//!   first, so an interruption never leaves an incremental without its parent;
 //! * WAL (segments and chunks, on every timeline) is deleted only where it ends at or before
 //!   the start of the segment holding the oldest kept backup's start LSN: everything a kept
 //!   backup needs, from its start onwards, stays. History files are always kept.
@@ -49,9 +52,27 @@ pub fn keep(backups: &[BackupDescription], policy: &RetentionPolicy, now: chrono
     if n == 0 {
         return keep;
     }
+    let parent_of = |i: usize| -> Option<usize> {
+        let p = backups[i].parent.as_ref()?;
+        backups.iter().position(|b| &b.id == p)
+    };
+    // The full backup each backup's chain starts at (None: its chain is broken).
+    let root_of = |mut i: usize| -> Option<usize> {
+        for _ in 0..=n {
+            if backups[i].parent.is_none() {
+                return Some(i);
+            }
+            i = parent_of(i)?;
+        }
+        None
+    };
     if let Some(k) = policy.retain_full {
-        for flag in keep.iter_mut().skip(n.saturating_sub(k)) {
-            *flag = true;
+        let fulls: Vec<usize> = (0..n).filter(|i| backups[*i].parent.is_none()).collect();
+        let kept_fulls = &fulls[fulls.len().saturating_sub(k)..];
+        for (i, flag) in keep.iter_mut().enumerate() {
+            if root_of(i).is_some_and(|r| kept_fulls.contains(&r)) {
+                *flag = true;
+            }
         }
     }
     if let Some(d) = policy.retain_days {
@@ -69,6 +90,19 @@ pub fn keep(backups: &[BackupDescription], policy: &RetentionPolicy, now: chrono
         }
     }
     keep[n - 1] = true;
+    // Whole chains: a kept backup keeps its ancestors.
+    for i in 0..n {
+        if keep[i] {
+            let mut j = i;
+            while let Some(p) = parent_of(j) {
+                if keep[p] && p != i {
+                    break;
+                }
+                keep[p] = true;
+                j = p;
+            }
+        }
+    }
     keep
 }
 
@@ -90,15 +124,16 @@ pub async fn expire(
         return Ok(report);
     }
     let flags = keep(&backups, policy, chrono::Utc::now());
-    for (b, k) in backups.iter().zip(&flags) {
+    // Newest first: an incremental goes before its parent.
+    for (b, k) in backups.iter().zip(&flags).rev() {
         if *k {
-            report.kept_backups.push(b.id.clone());
+            report.kept_backups.insert(0, b.id.clone());
         } else {
             tracing::info!(backup = %b.id, dry_run, "expiring backup (start {}, stop {})", b.start_lsn, b.stop_time);
             if !dry_run {
                 backup::delete_backup(store, &b.id).await?;
             }
-            report.deleted_backups.push(b.id.clone());
+            report.deleted_backups.insert(0, b.id.clone());
         }
     }
     let oldest_kept =
@@ -159,7 +194,52 @@ mod tests {
             raw_bytes: 0,
             stored_bytes: 0,
             duration_seconds: 0.0,
+            parent: None,
+            incremental_from: None,
+            chain_depth: 0,
+            manifest_sha256: None,
+            block_size: None,
+            relseg_blocks: None,
         }
+    }
+
+    fn incr(id: &str, stop: &str, parent: &str) -> BackupDescription {
+        BackupDescription { parent: Some(parent.into()), chain_depth: 1, ..b(id, stop) }
+    }
+
+    #[test]
+    fn chains_are_kept_whole() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let bs = vec![
+            b("f1", "2026-11-01T00:00:00Z"),
+            incr("i1", "2026-11-02T00:00:00Z", "f1"),
+            incr("i2", "2026-11-03T00:00:00Z", "i1"),
+            b("f2", "2026-11-10T00:00:00Z"),
+            incr("i3", "2026-11-11T00:00:00Z", "f2"),
+            incr("i4", "2026-11-24T00:00:00Z", "i3"),
+        ];
+        // One full: f2 and everything built on it.
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: Some(1), retain_days: None }, now),
+            vec![false, false, false, true, true, true]
+        );
+        // 3 days: i4 is inside; it needs i3 and f2, nothing older.
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(3) }, now),
+            vec![false, false, false, true, true, true]
+        );
+        // 20 days: i2 is the newest before the window; its chain stays whole.
+        assert_eq!(keep(&bs, &RetentionPolicy { retain_full: None, retain_days: Some(20) }, now), vec![true; 6]);
+        // Two fulls: everything.
+        assert_eq!(keep(&bs, &RetentionPolicy { retain_full: Some(2), retain_days: None }, now), vec![true; 6]);
+        // Zero fulls: the newest, with its chain.
+        assert_eq!(
+            keep(&bs, &RetentionPolicy { retain_full: Some(0), retain_days: None }, now),
+            vec![false, false, false, true, true, true]
+        );
+        // An incremental whose parent is gone (a broken chain) is not kept by retain_full.
+        let broken = vec![incr("orphan", "2026-11-01T00:00:00Z", "gone"), b("f", "2026-11-02T00:00:00Z")];
+        assert_eq!(keep(&broken, &RetentionPolicy { retain_full: Some(5), retain_days: None }, now), vec![false, true]);
     }
 
     #[test]

@@ -125,6 +125,11 @@ pub enum Cmd {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// Write one backup's files as the server sent them (an incremental backup stays
+    /// incremental: `INCREMENTAL.*` files, its backup_label's INCREMENTAL FROM lines) with its
+    /// backup_manifest into an empty directory: for pg_combinebackup, pg_verifybackup or
+    /// inspection. Tablespaces go to DIR/pg_tblspc/OID. `restore` needs none of this.
+    ExportBackup(ExportArgs),
     /// Re-wrap every epoch key of an encrypted archive for new recipients (or a new
     /// passphrase): only the keys/ objects are rewritten, no data object is read or written.
     /// Afterwards the old identity cannot decrypt anything; the new one decrypts everything.
@@ -141,6 +146,24 @@ pub enum Cmd {
         count: u32,
         after: String,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// The backup to export (`walvault-recover list` shows ids).
+    #[arg(long)]
+    pub backup: String,
+    /// Directory to write into (absent or empty).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Give the files to this user (as root).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,8 @@
 //! `walvault-recover list`: what an archive can restore, by time and by LSN.
 //!
-//! * every complete backup: id, timeline, start and stop LSN and time, sizes; incomplete ones;
+//! * every complete backup: id, kind (full, or incremental with its parent and depth in the
+//!   chain), timeline, start and stop LSN and time, sizes, and whether its chain is whole;
+//!   incomplete ones;
 //! * per timeline: the archived WAL ranges, and the recoverable window — from the end of the
 //!   oldest backup on (or before) that timeline to the end of contiguous WAL reachable from it,
 //!   with the first and last commit time inside that window (from the commit index and WAL
@@ -28,6 +30,15 @@ struct BackupRow {
     stop_time: DateTime<Utc>,
     raw_bytes: u64,
     stored_bytes: u64,
+    /// "full" or "incr".
+    kind: &'static str,
+    /// Incrementals: the backup this one builds on, and how many incrementals down to the full.
+    parent: Option<String>,
+    chain_depth: u32,
+    /// The full backup the chain starts at, when the chain is whole.
+    chain_full: Option<String>,
+    /// Why the chain cannot be restored, when it cannot.
+    chain_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -142,6 +153,13 @@ async fn gather(reader: &Reader) -> Result<Listing> {
                 stop_time: b.stop_time,
                 raw_bytes: b.raw_bytes,
                 stored_bytes: b.stored_bytes,
+                kind: b.kind(),
+                parent: b.parent.clone(),
+                chain_depth: b.chain_depth,
+                chain_full: backup::chain(&view.backups, &b.id).ok().map(|c| c[0].id.clone()),
+                chain_error: backup::chain(&view.backups, &b.id)
+                    .err()
+                    .map(|e| format!("{e:#}").lines().next().unwrap_or("").to_string()),
             })
             .collect(),
         incomplete_backups: incomplete,
@@ -170,9 +188,13 @@ fn text(l: &Listing) -> String {
         let _ = writeln!(s, "  (none complete)");
     }
     for b in &l.backups {
+        let kind = match &b.parent {
+            None => "full".to_string(),
+            Some(p) => format!("incr {} on {p}", b.chain_depth),
+        };
         let _ = writeln!(
             s,
-            "  {}  timeline {}  {} .. {}  {} .. {}  {} MiB (stored {} MiB)",
+            "  {}  {kind}  timeline {}  {} .. {}  {} .. {}  {} MiB (stored {} MiB){}",
             b.id,
             b.timeline,
             t(Some(b.start_time)),
@@ -180,7 +202,11 @@ fn text(l: &Listing) -> String {
             b.start_lsn,
             b.stop_lsn,
             b.raw_bytes >> 20,
-            b.stored_bytes >> 20
+            b.stored_bytes >> 20,
+            match &b.chain_error {
+                Some(e) => format!("\n     NOT RESTORABLE: {e}"),
+                None => String::new(),
+            }
         );
     }
     for i in &l.incomplete_backups {

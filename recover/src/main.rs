@@ -77,6 +77,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 walfetch::run(&open(&archive).await?, &archive, prefetch, &walfile, &dest).await
             }
             Cmd::Rekey(a) => rekey::run(a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::ExportBackup(a) => {
+                let owner = Owner::resolve(a.owner.as_deref(), true, "export-backup")?;
+                let reader = open(&a.archive).await?;
+                warn_unverified(&reader);
+                let n = restore::export(&reader, &a.backup, &a.dir, owner.as_ref(), a.parallel).await?;
+                println!("exported backup {} ({} MiB) into {}", a.backup, n >> 20, a.dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
             Cmd::WalPrefetch { archive, spool, count, after } => {
                 // Best effort, detached: failures show up when PostgreSQL asks for the segment.
                 let _ = walfetch::run_prefetch(&open(&archive).await?, &spool, count, &after).await;
@@ -224,6 +232,14 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         println!(
             "the last commit at or before the target: {} (xid {xid}, LSN {lsn}, timeline {tli})",
             walvault_shared::time::text(t)
+        );
+    }
+    if r.chain.len() > 1 {
+        println!(
+            "backup {} is incremental: combined from its chain of {} ({}), each block written once",
+            r.backup.id,
+            r.chain.len(),
+            r.chain.join(" <- ")
         );
     }
     println!(

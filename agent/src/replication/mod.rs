@@ -566,16 +566,70 @@ pub enum BackupEvent {
 }
 
 impl Connection {
-    /// Start `BASE_BACKUP` (no WAL, manifest with CRC32C checksums, progress). Returns the start
-    /// position and timeline and the tablespace list; then read [`Connection::base_backup_next`]
-    /// until [`BackupEvent::End`].
+    /// `UPLOAD_MANIFEST` (PostgreSQL 17+): give the server the previous backup's
+    /// `backup_manifest`, byte for byte, for an incremental `BASE_BACKUP` on this connection.
+    /// Wire: Query, CopyInResponse, CopyData…, CopyDone, CommandComplete, ReadyForQuery. The
+    /// server may reject the manifest (another cluster, bad checksum) before it has read all of
+    /// it: its ErrorResponse is returned, and the copy messages it did not read are ignored.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<()> {
+        frontend::query("UPLOAD_MANIFEST", &mut self.wbuf)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Msg::Backend(backend::Message::CopyInResponse(_)) => break,
+                Msg::Backend(backend::Message::ErrorResponse(e)) => {
+                    let err = PgError::from_fields(e.fields());
+                    self.until_ready().await?;
+                    return Err(anyhow::Error::new(err).context("UPLOAD_MANIFEST"));
+                }
+                Msg::Backend(backend::Message::NoticeResponse(_))
+                | Msg::Backend(backend::Message::ParameterStatus(_)) => {}
+                Msg::Backend(other) => bail!("unexpected reply to UPLOAD_MANIFEST: {}", describe(&other)),
+                Msg::CopyBoth => bail!("unexpected CopyBothResponse to UPLOAD_MANIFEST"),
+            }
+        }
+        for piece in manifest.chunks(64 << 10) {
+            frontend::CopyData::new(piece)?.write(&mut self.wbuf);
+            if self.wbuf.len() >= 1 << 20 {
+                self.flush().await?;
+            }
+        }
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Msg::Backend(backend::Message::ErrorResponse(e)) => error = Some(PgError::from_fields(e.fields())),
+                Msg::Backend(backend::Message::ReadyForQuery(_)) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(anyhow::Error::new(e).context("UPLOAD_MANIFEST")),
+            None => Ok(()),
+        }
+    }
+
+    async fn until_ready(&mut self) -> Result<()> {
+        loop {
+            if let Msg::Backend(backend::Message::ReadyForQuery(_)) = self.read_message().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Start `BASE_BACKUP` (no WAL, manifest with CRC32C checksums, progress; `INCREMENTAL`
+    /// after [`Connection::upload_manifest`]). Returns the start position and timeline and the
+    /// tablespace list; then read [`Connection::base_backup_next`] until [`BackupEvent::End`].
     pub async fn base_backup_start(
         &mut self,
         label: &str,
         fast: bool,
+        incremental: bool,
     ) -> Result<(Lsn, TimelineId, Vec<TablespaceInfo>)> {
         let sql = format!(
-            "BASE_BACKUP (LABEL '{}', PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')",
+            "BASE_BACKUP ({}LABEL '{}', PROGRESS, CHECKPOINT '{}', MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')",
+            if incremental { "INCREMENTAL, " } else { "" },
             label.replace('\'', "''"),
             if fast { "fast" } else { "spread" }
         );

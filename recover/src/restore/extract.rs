@@ -188,6 +188,21 @@ pub fn create_private_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
 /// taken from the tar: their targets are returned (to be checked against the description) and
 /// links to `links[oid]` are made instead.
 pub fn unpack(reader: impl Read, dest: &Path, links: &[(u32, PathBuf)]) -> Result<Vec<(u32, PathBuf)>> {
+    unpack_with(reader, dest, links, None)
+}
+
+/// What [`unpack_with`] needs to start reconstructions: the combiner, the archive's name, and
+/// whether it is a tablespace's.
+pub type CombineHook<'a> = (&'a mut super::combine::Combiner, &'a str, bool);
+
+/// [`unpack`], and with `combine` (the newest backup of an incremental chain), each
+/// `INCREMENTAL.*` relation file starts a reconstruction instead of being unpacked as is.
+pub fn unpack_with(
+    reader: impl Read,
+    dest: &Path,
+    links: &[(u32, PathBuf)],
+    mut combine: Option<CombineHook<'_>>,
+) -> Result<Vec<(u32, PathBuf)>> {
     let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(true);
     ar.set_mask(MODE_MASK);
@@ -212,6 +227,15 @@ pub fn unpack(reader: impl Read, dest: &Path, links: &[(u32, PathBuf)]) -> Resul
                     .with_context(|| format!("link {} -> {}", at.display(), to.display()))?;
             }
             continue;
+        }
+        if let Some((combiner, archive, tablespace)) = combine.as_mut() {
+            if entry.header().entry_type() == tar::EntryType::Regular {
+                if let Some(target) = super::combine::incremental_target(&path, *tablespace) {
+                    let size = entry.header().size()?;
+                    combiner.start(archive, dest, &path, &target, size, &mut entry)?;
+                    continue;
+                }
+            }
         }
         if !entry.unpack_in(dest).with_context(|| format!("extract {} into {}", path.display(), dest.display()))? {
             bail!("the backup's tar entry {} points outside {}; refusing it", path.display(), dest.display());
@@ -291,6 +315,12 @@ mod tests {
             raw_bytes: 0,
             stored_bytes: 0,
             duration_seconds: 0.0,
+            parent: None,
+            incremental_from: None,
+            chain_depth: 0,
+            manifest_sha256: None,
+            block_size: None,
+            relseg_blocks: None,
         }
     }
 

@@ -17,9 +17,19 @@
 //!    checked against the description before any tablespace is written);
 //! 6. store the server's `backup_manifest`, write `recovery.signal` and the recovery settings
 //!    ([`conf`]), and give everything to `--owner` (with `lchown`, never `chown` the program).
+//!
+//! An incremental backup restores with its chain ([`combine`]): in step 4, every member's parts
+//! are listed with their recorded sizes and every incremental member is read once in full
+//! (checksums, signatures, decryption, and each `INCREMENTAL.*` header), so that a missing or
+//! damaged member stops the restore before anything is written; in step 5 the newest backup is
+//! unpacked and the older ones, newest first, supply only the blocks still missing, each block
+//! written once; in step 6 `backup_label` loses its `INCREMENTAL FROM` lines and a new
+//! `backup_manifest` describes the reconstructed files ([`manifest`]).
 
+pub mod combine;
 pub mod conf;
 pub mod extract;
+pub mod manifest;
 pub mod plan;
 
 use std::io::Read;
@@ -62,6 +72,8 @@ pub struct RestoreOptions {
 
 pub struct RestoreReport {
     pub backup: BackupDescription,
+    /// The ids of the backup's chain, full backup first (one id for a full backup).
+    pub chain: Vec<String>,
     pub bytes: u64,
     pub seconds: f64,
     pub reachable: (TimelineId, Lsn),
@@ -145,6 +157,64 @@ async fn check_keys(reader: &Reader, view: &ArchiveView, plan: &Plan) -> Result<
     Ok(())
 }
 
+/// Every member of an incremental chain is there: its parts and manifest listed with the sizes
+/// its description records; each incremental member read in full, its `INCREMENTAL.*` headers
+/// checked. Nothing is written.
+async fn check_chain(reader: &Reader, plan: &Plan, parallel: usize) -> Result<()> {
+    let newest = &plan.backup;
+    let g = combine::Geometry { blcksz: newest.block_size(), relseg: newest.relseg_blocks() };
+    for b in &plan.chain {
+        let listed: std::collections::HashMap<String, u64> =
+            reader.store().list_all(&names::backup_dir(&b.id)).await?.into_iter().map(|o| (o.key, o.size)).collect();
+        let missing = |what: String| {
+            anyhow::anyhow!(
+                "backup {} ({} of the chain of {}) is damaged: {what}\nHINT: restore another backup (--backup ID; `walvault-recover list` shows the chains)",
+                b.id,
+                if b.parent.is_none() { "the full backup" } else { "an incremental" },
+                newest.id
+            )
+        };
+        if !listed.contains_key(&names::backup_manifest(&b.id)) {
+            return Err(missing("its backup_manifest is missing".into()));
+        }
+        for a in &b.archives {
+            for p in &a.parts {
+                let key = names::backup_part(&b.id, p.n);
+                match listed.get(&key) {
+                    Some(size) if *size == p.stored_len => {}
+                    Some(size) => {
+                        return Err(missing(format!("{key} is {size} bytes, its description says {}", p.stored_len)))
+                    }
+                    None => return Err(missing(format!("{key} is missing"))),
+                }
+            }
+        }
+    }
+    for b in plan.chain.iter().filter(|b| b.parent.is_some()) {
+        for a in b.archives.iter().filter(|a| newest.archives.iter().any(|n| n.name == a.name)) {
+            let (tablespace, name) = (!a.location.is_empty(), a.name.clone());
+            let mut quiet = Progress::quiet();
+            fetch_into(reader, b, a, parallel, &mut quiet, move |stream| {
+                let mut ar = tar::Archive::new(stream);
+                for e in ar.entries()? {
+                    let mut e = e.with_context(|| format!("read {name}"))?;
+                    let path = e.path()?.into_owned();
+                    if e.header().entry_type() == tar::EntryType::Regular
+                        && combine::incremental_target(&path, tablespace).is_some()
+                    {
+                        let size = e.header().size()?;
+                        combine::IncrementalHeader::read(&mut e, size, g, &path.display().to_string())?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("backup {} (an incremental of the chain of {}) is damaged", b.id, newest.id))?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything restore checks before it writes anything: the plan, the target, the
 /// destinations.
 pub struct Checked {
@@ -173,6 +243,9 @@ pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
     }
     let dests = extract::destinations(&plan.backup, &opts.pgdata, &mapping)?;
     extract::check(&dests, &mapping, opts.force)?;
+    if plan.chain.len() > 1 {
+        check_chain(reader, &plan, opts.parallel).await?;
+    }
     Ok(Checked { plan, dests, last_commit })
 }
 
@@ -194,20 +267,64 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
         }
     }
     let t0 = Instant::now();
-    let mut progress = Progress::new(backup.raw_bytes);
+    let in_newest = |name: &str| backup.archives.iter().any(|a| a.name == name);
+    let total: u64 =
+        plan.chain.iter().flat_map(|b| &b.archives).filter(|a| in_newest(&a.name)).map(|a| a.raw_bytes).sum();
+    let mut progress = Progress::new(total);
     let links: Vec<(u32, PathBuf)> =
         dests.iter().filter_map(|d| d.tablespace.as_ref().map(|(oid, _)| (*oid, d.dir.clone()))).collect();
+    let mut combiner = if plan.chain.len() > 1 {
+        Some(combine::Combiner::new(combine::Geometry { blcksz: backup.block_size(), relseg: backup.relseg_blocks() })?)
+    } else {
+        None
+    };
     // The main archive comes first: a tablespace directory is created only once base.tar's own
     // links have confirmed where it goes.
     for d in &dests {
         extract::create_private_dir(&d.dir, ids)?;
         let archive = &backup.archives[d.archive];
-        let seen = fetch_and_unpack(reader, backup, archive, &d.dir, &links, opts.parallel, &mut progress).await?;
+        let (dir, links, tablespace, name) =
+            (d.dir.clone(), links.clone(), d.tablespace.is_some(), archive.name.clone());
+        let taken = combiner.take();
+        let (seen, back) = fetch_into(reader, backup, archive, opts.parallel, &mut progress, move |stream| {
+            let mut c = taken;
+            let seen = extract::unpack_with(stream, &dir, &links, c.as_mut().map(|c| (c, name.as_str(), tablespace)))?;
+            Ok((seen, c))
+        })
+        .await?;
+        combiner = back;
         if d.tablespace.is_none() {
             extract::check_links(&dests, &seen)?;
         }
     }
-    let had_postgresql_conf = finish_data_dir(reader, backup, &opts.pgdata).await?;
+    // Older members of the chain, newest first, for the blocks still missing.
+    for older in plan.chain.iter().rev().skip(1) {
+        let Some(c) = combiner.take() else { break };
+        if c.pending() == 0 {
+            combiner = Some(c);
+            break;
+        }
+        let mut c = Some(c);
+        for d in &dests {
+            let name = backup.archives[d.archive].name.clone();
+            let Some(a) = older.archives.iter().find(|a| a.name == name) else { continue };
+            let (tablespace, full, id) = (d.tablespace.is_some(), older.parent.is_none(), older.id.clone());
+            let mut taken = c.take().expect("combiner");
+            c = Some(
+                fetch_into(reader, older, a, opts.parallel, &mut progress, move |stream| {
+                    taken.feed_older(&name, tablespace, full, &id, stream)?;
+                    Ok(taken)
+                })
+                .await?,
+            );
+        }
+        combiner = c;
+    }
+    let reconstructed = match combiner {
+        Some(c) => Some(c.finish()?),
+        None => None,
+    };
+    let had_postgresql_conf = finish_data_dir(reader, backup, &opts.pgdata, reconstructed.is_some()).await?;
     Recovery {
         restore_command: &opts.restore_command,
         target: &opts.target,
@@ -223,6 +340,7 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
     }
     Ok(RestoreReport {
         backup: backup.clone(),
+        chain: plan.chain.iter().map(|b| b.id.clone()).collect(),
         bytes: progress.done,
         seconds: t0.elapsed().as_secs_f64(),
         reachable: plan.reachable,
@@ -238,15 +356,19 @@ struct Progress {
     done: u64,
     t0: Instant,
     last: Instant,
+    quiet: bool,
 }
 
 impl Progress {
     fn new(total: u64) -> Self {
-        Progress { total, done: 0, t0: Instant::now(), last: Instant::now() }
+        Progress { total, done: 0, t0: Instant::now(), last: Instant::now(), quiet: false }
+    }
+    fn quiet() -> Self {
+        Progress { quiet: true, ..Progress::new(0) }
     }
     fn add(&mut self, n: u64) {
         self.done += n;
-        if self.last.elapsed().as_secs() >= 2 {
+        if !self.quiet && self.last.elapsed().as_secs() >= 2 {
             eprintln!(
                 "restore: {:.0}% ({} of {} MiB, {:.0} MiB/s)",
                 100.0 * self.done as f64 / self.total.max(1) as f64,
@@ -260,7 +382,7 @@ impl Progress {
 }
 
 /// A `Read` over parts arriving on a channel, for the tar extractor.
-struct ChannelReader {
+pub struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Bytes>,
     cur: Bytes,
 }
@@ -281,20 +403,17 @@ impl Read for ChannelReader {
 }
 
 /// Download one tar archive's parts (`parallel` at once, each bounded by its recorded size and
-/// checked) and unpack them in order into `dest`. Returns the tablespace links seen.
-async fn fetch_and_unpack(
+/// checked) and give them, in order, as one stream to `consume` (on a blocking thread).
+async fn fetch_into<T: Send + 'static>(
     reader: &Reader,
     backup: &BackupDescription,
     archive: &ArchiveInfo,
-    dest: &Path,
-    links: &[(u32, PathBuf)],
     parallel: usize,
     progress: &mut Progress,
-) -> Result<Vec<(u32, PathBuf)>> {
+    consume: impl FnOnce(ChannelReader) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(parallel.max(1));
-    let (dest2, links) = (dest.to_path_buf(), links.to_vec());
-    let extractor =
-        tokio::task::spawn_blocking(move || extract::unpack(ChannelReader { rx, cur: Bytes::new() }, &dest2, &links));
+    let consumer = tokio::task::spawn_blocking(move || consume(ChannelReader { rx, cur: Bytes::new() }));
     let mut fetches = FuturesOrdered::new();
     let mut parts = archive.parts.iter();
     loop {
@@ -314,16 +433,16 @@ async fn fetch_and_unpack(
         let data = r?;
         progress.add(data.len() as u64);
         if tx.send(data).is_err() {
-            break; // the extractor failed; its error is reported below
+            break; // the consumer failed; its error is reported below
         }
     }
     drop(tx);
-    extractor.await.context("extract task")?
+    consumer.await.context("extract task")?
 }
 
 /// After the archives: a postgresql.conf if the backup had none, the server's manifest (for
 /// pg_verifybackup), pg_wal. Returns whether the backup held a postgresql.conf.
-async fn finish_data_dir(reader: &Reader, backup: &BackupDescription, pgdata: &Path) -> Result<bool> {
+async fn finish_data_dir(reader: &Reader, backup: &BackupDescription, pgdata: &Path, combined: bool) -> Result<bool> {
     // A cluster whose postgresql.conf lived outside its data directory (Debian keeps it in
     // /etc/postgresql) has none in the backup: PostgreSQL refuses to start without one.
     let conf = pgdata.join("postgresql.conf");
@@ -337,7 +456,68 @@ async fn finish_data_dir(reader: &Reader, backup: &BackupDescription, pgdata: &P
     }
     let mkey = names::backup_manifest(&backup.id);
     let manifest = reader.read(&mkey, Want::manifest(backup.manifest_bytes)).await?.content;
-    std::fs::write(pgdata.join("backup_manifest"), manifest)?;
+    if combined {
+        let label_path = pgdata.join("backup_label");
+        let label = std::fs::read_to_string(&label_path).context("read the restored backup_label")?;
+        walvault_shared::fsutil::write_atomically(&label_path, combine::plain_label(&label).as_bytes(), 0o600)?;
+        let pd = pgdata.to_path_buf();
+        let combined = tokio::task::spawn_blocking(move || manifest::combined(&manifest, &pd)).await??;
+        std::fs::write(pgdata.join("backup_manifest"), combined)?;
+    } else {
+        std::fs::write(pgdata.join("backup_manifest"), manifest)?;
+    }
     std::fs::create_dir_all(pgdata.join("pg_wal"))?;
     Ok(had)
+}
+
+/// `export-backup`: one backup's archives as the server sent them, into an empty `dir` (the
+/// main archive) and `dir/pg_tblspc/<oid>` (tablespaces), with its `backup_manifest`. Returns
+/// the bytes written.
+pub async fn export(reader: &Reader, id: &str, dir: &Path, owner: Option<&Owner>, parallel: usize) -> Result<u64> {
+    let view = ArchiveView::load(reader).await?;
+    let b = view.backups.iter().find(|b| b.id == id).with_context(|| {
+        format!("no complete backup {id} in the archive\nHINT: walvault-recover list shows the backups")
+    })?;
+    if !extract::is_empty_dir(dir)? {
+        bail!("{} is not empty\nHINT: export into an empty directory", dir.display());
+    }
+    if let Some(live) = crate::pgdata::running_server(dir) {
+        bail!("{} is in use by a running server: {live}", dir.display());
+    }
+    let ids = owner.map(|o| (o.uid, o.gid));
+    extract::create_private_dir(dir, ids)?;
+    let mut progress = Progress::new(b.raw_bytes);
+    let mut order: Vec<&ArchiveInfo> = b.archives.iter().collect();
+    order.sort_by_key(|a| !a.location.is_empty());
+    for a in order {
+        let dest = if a.location.is_empty() {
+            dir.to_path_buf()
+        } else {
+            let oid: u32 = a
+                .name
+                .strip_suffix(".tar")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("backup {id}: tablespace archive {:?} is not named OID.tar", a.name))?;
+            let d = dir.join("pg_tblspc").join(oid.to_string());
+            // base.tar made pg_tblspc/<oid> a link to the original location: replace it.
+            if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+                std::fs::remove_file(&d)?;
+            }
+            extract::create_private_dir(&d, ids)?;
+            d
+        };
+        let d2 = dest.clone();
+        fetch_into(reader, b, a, parallel, &mut progress, move |stream| {
+            // No links are made: a tablespace's files land in pg_tblspc/<oid> itself.
+            extract::unpack(stream, &d2, &[])
+        })
+        .await?;
+    }
+    let mkey = names::backup_manifest(&b.id);
+    let manifest = reader.read(&mkey, Want::manifest(b.manifest_bytes)).await?.content;
+    std::fs::write(dir.join("backup_manifest"), manifest)?;
+    if let Some((uid, gid)) = ids {
+        extract::chown_tree(dir, uid, gid)?;
+    }
+    Ok(progress.done)
 }

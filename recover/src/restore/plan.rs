@@ -185,23 +185,35 @@ pub fn reachable_end(cat: &WalCatalog, path: &[PathStep]) -> (TimelineId, Lsn) {
 }
 
 /// The newest backup that ends at or before the target (for a time target: whose stop time,
-/// on the agent's clock, is at or before it).
+/// on the agent's clock, is at or before it) and whose chain (for an incremental backup) is
+/// whole. A backup skipped for a broken chain is reported on stderr.
 pub fn choose_backup<'a>(view: &'a ArchiveView, target: &Target) -> Result<&'a BackupDescription> {
     let backups = &view.backups;
-    let pick = match target {
-        Target::Lsn(l) => backups.iter().rev().find(|b| b.stop_lsn <= *l),
-        Target::Time(t) => backups.iter().rev().find(|b| b.stop_time <= *t),
-        _ => backups.last(),
+    let fits = |b: &BackupDescription| match target {
+        Target::Lsn(l) => b.stop_lsn <= *l,
+        Target::Time(t) => b.stop_time <= *t,
+        _ => true,
     };
-    pick.ok_or_else(|| {
-        anyhow::anyhow!("no base backup ends at or before the target ({target})\nHINT: {}", view.describe_window())
-    })
+    for b in backups.iter().rev().filter(|b| fits(b)) {
+        match backup::chain(backups, &b.id) {
+            Ok(_) => return Ok(b),
+            Err(e) => eprintln!(
+                "restore: WARNING: skipping backup {}: {}; trying an older one",
+                b.id,
+                format!("{e:#}").lines().next().unwrap_or("")
+            ),
+        }
+    }
+    bail!("no base backup ends at or before the target ({target})\nHINT: {}", view.describe_window())
 }
 
 /// The restore, decided.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub backup: BackupDescription,
+    /// The backup's chain, its full backup first and the backup itself last (just the backup
+    /// when it is a full one).
+    pub chain: Vec<BackupDescription>,
     pub target_timeline: TimelineId,
     pub path: Vec<PathStep>,
     /// Where contiguous WAL ends along the path.
@@ -226,6 +238,7 @@ pub fn plan(
         })?,
         None => choose_backup(view, target)?,
     };
+    let chain: Vec<BackupDescription> = backup::chain(&view.backups, &chosen.id)?.into_iter().cloned().collect();
     let target_tli = target_timeline.unwrap_or_else(|| view.latest_timeline(chosen.timeline));
     let path = view.timeline_path(chosen, target_tli)?;
     let cat = view.catalog();
@@ -255,7 +268,7 @@ pub fn plan(
             reachable.1
         );
     }
-    Ok(Plan { backup: chosen.clone(), target_timeline: target_tli, path, reachable, gap_resumes })
+    Ok(Plan { backup: chosen.clone(), chain, target_timeline: target_tli, path, reachable, gap_resumes })
 }
 
 /// A time target must not lie beyond the WAL the archive holds: `end_sealed` is when the last
@@ -314,6 +327,12 @@ mod tests {
             raw_bytes: 0,
             stored_bytes: 0,
             duration_seconds: 0.0,
+            parent: None,
+            incremental_from: None,
+            chain_depth: 0,
+            manifest_sha256: None,
+            block_size: None,
+            relseg_blocks: None,
         }
     }
 

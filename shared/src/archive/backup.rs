@@ -5,6 +5,12 @@
 //! backup's start LSN to its stop LSN. An interrupted backup leaves parts (and its
 //! `backup.lock`) but no description; [`list`] reports it as incomplete and the next backup or
 //! `expire` removes it once its writer is gone.
+//!
+//! Incremental backups (PostgreSQL 17+) form chains: a full backup (`parent: None`,
+//! `chain_depth: 0`) and incrementals, each naming its `parent` (the backup whose manifest the
+//! server was given) and that parent's start LSN (`incremental_from`, what the server writes as
+//! `INCREMENTAL FROM LSN` in the new backup's label); `chain_depth` counts the incrementals
+//! down to the full. [`chain`] resolves and checks a chain; restore needs every member.
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +62,97 @@ pub struct BackupDescription {
     pub raw_bytes: u64,
     pub stored_bytes: u64,
     pub duration_seconds: f64,
+    /// Incremental backups: the backup this one is incremental to (absent: a full backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Incremental backups: the parent's start LSN (the label's `INCREMENTAL FROM LSN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<Lsn>,
+    /// Incrementals between this backup and its full backup, itself included (0: full).
+    #[serde(default)]
+    pub chain_depth: u32,
+    /// SHA-256 (hex) of the server's `backup_manifest`, as stored at `backups/<id>/backup_manifest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
+    /// The server's `block_size` (BLCKSZ) and `segment_size` in blocks (RELSEG_SIZE), which
+    /// lay out `INCREMENTAL.*` files; absent in older descriptions (8192 and 131072 then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relseg_blocks: Option<u32>,
+}
+
+impl BackupDescription {
+    pub fn is_incremental(&self) -> bool {
+        self.parent.is_some()
+    }
+
+    /// BLCKSZ of the server the backup was taken from.
+    pub fn block_size(&self) -> u32 {
+        self.block_size.unwrap_or(8192)
+    }
+
+    /// RELSEG_SIZE (blocks per relation segment file) of that server.
+    pub fn relseg_blocks(&self) -> u32 {
+        self.relseg_blocks.unwrap_or(131072)
+    }
+
+    /// "full" or "incr".
+    pub fn kind(&self) -> &'static str {
+        if self.is_incremental() {
+            "incr"
+        } else {
+            "full"
+        }
+    }
+}
+
+/// The hex SHA-256 of a manifest, as [`BackupDescription::manifest_sha256`] records it.
+pub fn manifest_sha256(manifest: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(manifest))
+}
+
+/// The chain that ends at `id`, oldest (the full backup) first, checked: every member is among
+/// `backups` (complete), each incremental's `incremental_from` is its parent's start LSN on its
+/// parent's timeline lineage, depths count down to 0 at a full backup, and all belong to one
+/// system. A missing or inconsistent member is an error naming it.
+pub fn chain<'a>(backups: &'a [BackupDescription], id: &str) -> anyhow::Result<Vec<&'a BackupDescription>> {
+    let find = |id: &str| backups.iter().find(|b| b.id == id);
+    let mut out = vec![find(id).ok_or_else(|| {
+        anyhow::anyhow!(
+            "backup {id} is not a complete backup of this archive\nHINT: `walvault-recover list` shows the backups"
+        )
+    })?];
+    loop {
+        let b = *out.last().expect("non-empty");
+        let Some(pid) = &b.parent else { break };
+        let Some(p) = find(pid) else {
+            anyhow::bail!(
+                "backup {} is incremental to backup {pid}, which the archive does not hold complete; the chain cannot be restored\nHINT: restore an older full backup's chain (--backup ID; `walvault-recover list` shows chains), or take a new full backup",
+                b.id
+            );
+        };
+        if b.incremental_from != Some(p.start_lsn)
+            || p.system_identifier != b.system_identifier
+            || b.chain_depth != p.chain_depth + 1
+            || p.stop_lsn > b.start_lsn
+        {
+            anyhow::bail!(
+                "backup {} does not follow its parent {pid} (incremental from {:?}, parent starts at {}, depths {} and {}); the chain is inconsistent\nHINT: the backup descriptions were damaged or forged; restore another chain",
+                b.id, b.incremental_from.map(|l| l.to_string()), p.start_lsn, b.chain_depth, p.chain_depth
+            );
+        }
+        if out.len() > 10_000 {
+            anyhow::bail!("backup {id}: the chain does not end at a full backup");
+        }
+        out.push(p);
+    }
+    if out.last().expect("non-empty").chain_depth != 0 {
+        anyhow::bail!("backup {id}: its chain ends at backup {}, which is not a full backup", out.last().unwrap().id);
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// `backups/<id>/backup.lock`: who is writing an unfinished backup.

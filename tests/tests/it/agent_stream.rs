@@ -1,5 +1,5 @@
-//! walvault-agent against real PostgreSQL 15 and a real S3 server: byte-identical segments under
-//! load, archive latency, crash and restart of either side, promotion, archive outage, split
+//! walvault-agent against real PostgreSQL (each major of the matrix) and a real S3 server:
+//! byte-identical segments under load, archive latency, crash and restart of either side, promotion, archive outage, split
 //! brain, and the errors a user meets first.
 //!
 //! Oracles: the server's own `pg_wal` files (byte for byte) and its reported LSNs.

@@ -1,6 +1,6 @@
-//! Base backups and point-in-time restore, end to end, against PostgreSQL 15: the agent streams
-//! and backs up; `walvault-recover restore` rebuilds a data directory; PostgreSQL replays the
-//! archived WAL through `walvault-recover wal-fetch`; the data itself is the oracle (rows
+//! Base backups and point-in-time restore, end to end, against real PostgreSQL (each major of
+//! the matrix): the agent streams and backs up; `walvault-recover restore` rebuilds a data
+//! directory; PostgreSQL replays the archived WAL through `walvault-recover wal-fetch`; the data itself is the oracle (rows
 //! committed at or before the target exist, later ones do not), with pg_verifybackup on the
 //! restored base.
 

@@ -209,6 +209,8 @@ async fn wrong_keys_flipped_bits_and_swapped_objects_are_refused() {
             scratch.to_str().unwrap(),
             "--identity",
             other.to_str().unwrap(),
+            "--pg-bin",
+            walvault_tests::pg::pg_bin().to_str().unwrap(),
         ],
     );
     assert_eq!(code, 1, "{err}");

@@ -1,12 +1,22 @@
-//! The harness itself, against a real PostgreSQL 15: a cluster started as an unprivileged user
-//! writes data, switches WAL, and the finished segment is read from its `pg_wal`.
+//! The harness itself, against real PostgreSQL (each major of the matrix): a cluster started as
+//! an unprivileged user writes data, switches WAL, and the finished segment is read from its
+//! `pg_wal`.
 
 use walvault_shared::lsn::Lsn;
 use walvault_shared::wal::SegmentName;
 use walvault_tests::pg::{PgCluster, PgOptions};
 
-/// `XLOG_PAGE_MAGIC` of PostgreSQL 15 (xlog_internal.h).
-const PG15_XLOG_PAGE_MAGIC: u16 = 0xD110;
+/// `XLOG_PAGE_MAGIC` per major (xlog_internal.h of each release), written down here rather
+/// than taken from the reader under test.
+fn xlog_page_magic(major: u32) -> u16 {
+    match major {
+        15 => 0xD110,
+        16 => 0xD113,
+        17 => 0xD116,
+        18 => 0xD118,
+        m => panic!("no XLOG_PAGE_MAGIC known for PostgreSQL {m}"),
+    }
+}
 /// `XLP_LONG_HEADER`: the first page of every segment has the long header.
 const XLP_LONG_HEADER: u16 = 0x0002;
 
@@ -35,7 +45,8 @@ async fn cluster_writes_and_switches_wal() {
     let info = u16::from_le_bytes([bytes[2], bytes[3]]);
     let tli = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
     let pageaddr = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
-    assert_eq!(magic, PG15_XLOG_PAGE_MAGIC);
+    assert_eq!(magic, xlog_page_magic(walvault_tests::pg::pg_major()));
+    assert_eq!(walvault_shared::walreader::layout_of(magic).map(|(m, _)| m), Some(walvault_tests::pg::pg_major()));
     assert_ne!(info & XLP_LONG_HEADER, 0);
     assert_eq!(tli, 1);
     assert_eq!(pageaddr, ours.start_lsn(seg_size).0);

@@ -6,6 +6,7 @@ mod audit;
 mod backup_restore;
 mod encryption;
 mod harness;
+mod incremental;
 mod operator;
 mod security;
 mod storage_conformance;

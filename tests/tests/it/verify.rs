@@ -1,5 +1,5 @@
-//! `walvault-recover verify`, the restore drill, against a real archive and PostgreSQL 15: it
-//! passes on a good archive (the rows committed before the drill are there, counted by the
+//! `walvault-recover verify`, the restore drill, against a real archive and real PostgreSQL
+//! (each major of the matrix): it passes on a good archive (the rows committed before the drill are there, counted by the
 //! recovered server), refuses a non-empty scratch directory without touching it, and fails, with
 //! the step and the scratch directory kept, when a backup part is corrupt.
 
