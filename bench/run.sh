@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks of walvault against the tools users compare it with, side by side in one run,
-# reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15,
-# SeaweedFS in /opt/walvault-test-env); installs pgbackrest and time from apt if missing.
+# reported as ratios in bench/RESULTS.md. Needs what tests/run.sh installs (PostgreSQL 15, and
+# 17 in /opt/walvault-test-env/pg/17, SeaweedFS in /opt/walvault-test-env); installs pgbackrest
+# and time from apt if missing.
 #
 #   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (23 minutes measured
 #                           on 2 cores, after the release build)
@@ -15,6 +16,8 @@
 #   2. commit-to-archive latency of walvault at chunk intervals 200ms, 1s, 5s
 #   3. base backup vs pg_basebackup and pgbackrest backup; restore vs pgbackrest restore; replay
 #      through wal-fetch vs pgbackrest archive-get vs WAL in pg_wal
+#   4. incremental backups on PostgreSQL 17 vs full ones and vs pgbackrest --type=incr; restore
+#      of a chain vs a full restore and vs copying the chain out + pg_combinebackup
 # Everything runs under a private directory that is removed at exit, with every server stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +34,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ -x /usr/lib/postgresql/15/bin/postgres ] || { echo "PostgreSQL 15 missing: run tests/run.sh once (it installs it)" >&2; exit 1; }
 [ -x /opt/walvault-test-env/bin/weed ] || { echo "SeaweedFS missing: run tests/run.sh once (it installs it)" >&2; exit 1; }
+PG17_BIN=/opt/walvault-test-env/pg/17/bin
+[ -x $PG17_BIN/pg_combinebackup ] || { echo "PostgreSQL 17 missing: run tests/run.sh once (it installs it)" >&2; exit 1; }
 
 cargo build --release -p walvault-agent -p walvault-recover
 cargo build -p walvault-bench
@@ -53,14 +58,17 @@ t0=$(date +%s)
 if [ $quick = 1 ]; then
   stream_args=(--bulk-scale 10 --seconds 5 --runs 1 --latency-seconds 5)
   backup_args=(--scale 10 --wal-mib 64 --runs 1)
+  incr_args=(--scale 10 --runs 1)
   results=${TMPDIR:-/tmp}/walvault-bench-quick.md
 else
   stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
   backup_args=(--scale 300 --wal-mib 1024 --runs 3)
+  incr_args=(--scale 300 --runs 1)
   results=bench/RESULTS.md
 fi
 "$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}" --out "$out/stream.md"
 "$CARGO_TARGET_DIR/debug/walvault-bench-backup" "${backup_args[@]}" --out "$out/backup.md"
+PG_BIN=$PG17_BIN "$CARGO_TARGET_DIR/debug/walvault-bench-incremental" "${incr_args[@]}" --out "$out/incremental.md"
 elapsed=$(( $(date +%s) - t0 ))
 {
   echo "# walvault benchmark results"
@@ -68,11 +76,13 @@ elapsed=$(( $(date +%s) - t0 ))
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME")"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- versions: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $(pgbackrest version), walvault release builds, SeaweedFS $(/opt/walvault-test-env/bin/weed version 2>/dev/null | awk '{print $3; exit}')"
-  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}); ${elapsed} s"
+  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}; walvault-bench-incremental ${incr_args[*]} with PostgreSQL $($PG17_BIN/postgres --version | awk '{print $3}')); ${elapsed} s"
   echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
   echo
   cat "$out/stream.md"
   echo
   cat "$out/backup.md"
+  echo
+  cat "$out/incremental.md"
 } > "$results"
 echo "wrote $results (${elapsed} s)"

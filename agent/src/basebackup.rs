@@ -3,11 +3,13 @@
 //! 1. `BASE_BACKUP (LABEL, PROGRESS, CHECKPOINT fast|spread, MANIFEST 'yes',
 //!    MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')` on its own replication connection: no file
 //!    access to PGDATA is needed, and no WAL is included (the archive already has it).
-//! 2. Each tar archive is cut into parts of `part_size` plain bytes; each part is compressed
-//!    (zstd), checksummed and written once as `backups/<id>/part-NNNNNN`, with at most
-//!    `concurrency` parts compressing/uploading at once (on 2 cores, 2 parts compress in
-//!    parallel: that is where multiple threads pay). Memory stays below
-//!    `part_size × (concurrency + 1)` plus their compressed copies, whatever the database size.
+//! 2. Each tar archive is cut into parts of `part_size` plain bytes (default 16 MiB). The bytes
+//!    go, as they arrive, to a compressor thread (a streaming zstd encoder per part: receiving
+//!    and compressing use both cores), so only compressed bytes are held; each finished part is
+//!    checksummed and written once as `backups/<id>/part-NNNNNN`, at most `concurrency` at once.
+//!    Memory: the part being compressed, one finished part waiting, and `concurrency` uploading
+//!    (each with its envelope copy), all compressed: about 6 compressed parts, whatever the
+//!    database size. When the store is slower than the server, the stream waits.
 //! 3. The server's `backup_manifest` is stored beside the parts.
 //! 4. The backup becomes visible as complete only when `backup.json` is written, and that
 //!    happens only once the archive holds the WAL from the start LSN to the stop LSN (streamed
@@ -68,7 +70,7 @@ pub struct BackupConfig {
 impl Default for BackupConfig {
     fn default() -> Self {
         BackupConfig {
-            part_size: 64 << 20,
+            part_size: 16 << 20,
             concurrency: 2,
             zstd_level: 3,
             fast_checkpoint: true,
@@ -116,34 +118,96 @@ pub async fn remove_abandoned(reader: &Reader, segment_size: u64) -> Result<Vec<
     Ok(removed)
 }
 
-struct PartJob {
+/// A part compressed by the compressor thread: one zstd frame and its plain length and crc32.
+struct CompressedPart {
+    archive_ix: usize,
     n: u32,
-    data: Bytes,
+    payload: Vec<u8>,
+    plain_len: u64,
+    plain_crc: u32,
 }
 
-async fn upload_part(writer: Writer, id: String, job: PartJob, level: i32) -> Result<PartInfo> {
-    let key = names::backup_part(&id, job.n);
-    let plain = job.data;
-    let crc = crc32fast::hash(&plain);
-    let meta = serde_json::json!({ "backup": id, "part": job.n });
+async fn upload_part(writer: Writer, id: String, part: CompressedPart) -> Result<PartInfo> {
+    let key = names::backup_part(&id, part.n);
+    let meta = serde_json::json!({ "backup": id, "part": part.n });
+    let (plain_len, plain_crc) = (part.plain_len, part.plain_crc);
     let object: Bytes = tokio::task::spawn_blocking({
-        let (writer, key, plain) = (writer.clone(), key.clone(), plain.clone());
-        move || writer.encode(&key, ObjectKind::BackupPart, &meta, &plain, Compression::Zstd, level)
+        let (writer, key) = (writer.clone(), key.clone());
+        move || {
+            let meta = serde_json::to_vec(&meta).expect("metadata serialises");
+            writer.encode_raw(
+                &key,
+                ObjectKind::BackupPart,
+                &meta,
+                plain_len,
+                plain_crc,
+                Compression::Zstd,
+                &part.payload,
+            )
+        }
     })
     .await?;
     let stored_len = object.len() as u64;
     RetryPolicy::attempts(10)
         .run(&format!("upload {key}"), || {
-            let (writer, key, object, plain) = (writer.clone(), key.clone(), object.clone(), plain.clone());
+            let (writer, key, object) = (writer.clone(), key.clone(), object.clone());
             async move {
-                writer.put_once(&key, object, &plain).await.map(|_| ()).map_err(|e| match e {
+                writer.put_once_by_checksum(&key, object, plain_len, plain_crc).await.map(|_| ()).map_err(|e| match e {
                     PutOnceError::Storage(s) => s,
                     other => StorageError::permanent("put", &key, other),
                 })
             }
         })
         .await?;
-    Ok(PartInfo { n: job.n, plain_len: plain.len() as u64, stored_len, crc32: crc })
+    Ok(PartInfo { n: part.n, plain_len, stored_len, crc32: plain_crc })
+}
+
+/// What the receive loop gives the compressor thread.
+enum ToCompressor {
+    Data(Bytes),
+    /// The current part ends here.
+    Cut {
+        archive_ix: usize,
+        n: u32,
+    },
+}
+
+/// The compressor thread: a streaming zstd encoder per part, fed as the tar stream arrives, so
+/// that only compressed bytes are held; finished parts go to `out` (bounded: when uploads lag,
+/// compression and then the receive loop wait, and the server's stream with them).
+fn compressor(
+    level: i32,
+    mut rx: tokio::sync::mpsc::Receiver<ToCompressor>,
+    out: tokio::sync::mpsc::Sender<CompressedPart>,
+) -> Result<()> {
+    use std::io::Write;
+    let new_encoder = || zstd::stream::write::Encoder::new(Vec::new(), level).context("zstd encoder");
+    let mut enc = new_encoder()?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut len = 0u64;
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            ToCompressor::Data(d) => {
+                enc.write_all(&d).context("compress")?;
+                crc.update(&d);
+                len += d.len() as u64;
+            }
+            ToCompressor::Cut { archive_ix, n } => {
+                let payload = std::mem::replace(&mut enc, new_encoder()?).finish().context("compress")?;
+                let part = CompressedPart {
+                    archive_ix,
+                    n,
+                    payload,
+                    plain_len: std::mem::take(&mut len),
+                    plain_crc: std::mem::take(&mut crc).finalize(),
+                };
+                if out.blocking_send(part).is_err() {
+                    return Ok(()); // the uploads stopped; their error is reported
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The server a backup is taken from.
@@ -350,79 +414,105 @@ struct Streamed {
     stopped: chrono::DateTime<chrono::Utc>,
 }
 
-/// Parts being compressed and uploaded, at most `limit` at once (bounded memory: the stream
-/// waits for a slot before taking more from the server).
-struct PartPool {
+/// Upload compressed parts as they come, at most `limit` at once.
+async fn upload_parts(
     writer: Writer,
     id: String,
-    level: i32,
     limit: usize,
-    in_flight: FuturesUnordered<tokio::task::JoinHandle<Result<(usize, PartInfo)>>>,
-    done: Vec<(usize, PartInfo)>,
+    mut parts: tokio::sync::mpsc::Receiver<CompressedPart>,
+) -> Result<Vec<(usize, PartInfo)>> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut done = Vec::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            Some(r) = in_flight.next(), if !in_flight.is_empty() => {
+                let r: Result<Result<(usize, PartInfo)>, tokio::task::JoinError> = r;
+                done.push(r??);
+            }
+            p = parts.recv(), if open && in_flight.len() < limit.max(1) => match p {
+                Some(p) => {
+                    let (writer, id, ix) = (writer.clone(), id.clone(), p.archive_ix);
+                    in_flight.push(tokio::spawn(async move { upload_part(writer, id, p).await.map(|i| (ix, i)) }));
+                }
+                None => open = false,
+            },
+        }
+    }
+    done.sort_by_key(|(_, p)| p.n);
+    Ok(done)
 }
 
-impl PartPool {
-    async fn push(&mut self, archive_ix: usize, job: PartJob) -> Result<()> {
-        while self.in_flight.len() >= self.limit.max(1) {
-            let r = self.in_flight.next().await.expect("non-empty")??;
-            self.done.push(r);
-        }
-        let (writer, id, level) = (self.writer.clone(), self.id.clone(), self.level);
-        self.in_flight
-            .push(tokio::spawn(async move { upload_part(writer, id, job, level).await.map(|p| (archive_ix, p)) }));
-        Ok(())
-    }
-
-    async fn finish(mut self) -> Result<Vec<(usize, PartInfo)>> {
-        while let Some(r) = self.in_flight.next().await {
-            self.done.push(r??);
-        }
-        self.done.sort_by_key(|(_, p)| p.n);
-        Ok(self.done)
-    }
-}
-
-/// Read the BASE_BACKUP stream to its end, cutting each tar archive into parts.
+/// Read the BASE_BACKUP stream to its end, cutting each tar archive into parts of `part_size`
+/// plain bytes, compressed on a thread of their own as they arrive and uploaded
+/// `concurrency` at once.
 async fn stream_parts(conn: &mut Connection, writer: &Writer, id: &str, cfg: &BackupConfig) -> Result<Streamed> {
-    let mut pool = PartPool {
-        writer: writer.clone(),
-        id: id.to_string(),
-        level: cfg.zstd_level,
-        limit: cfg.concurrency,
-        in_flight: FuturesUnordered::new(),
-        done: Vec::new(),
-    };
+    let (to_comp, comp_rx) = tokio::sync::mpsc::channel::<ToCompressor>(16);
+    let (part_tx, part_rx) = tokio::sync::mpsc::channel::<CompressedPart>(1);
+    let level = cfg.zstd_level;
+    let comp = std::thread::Builder::new()
+        .name("backup-compress".into())
+        .spawn(move || compressor(level, comp_rx, part_tx))
+        .context("start the compressor thread")?;
+    let uploads = tokio::spawn(upload_parts(writer.clone(), id.to_string(), cfg.concurrency, part_rx));
+    let received = receive_parts(conn, id, cfg, &to_comp).await;
+    drop(to_comp);
+    let comp_result = tokio::task::spawn_blocking(move || comp.join()).await?;
+    // An upload failure stops the compressor and then the receive loop: report the cause.
+    let uploaded = uploads.await??;
+    let (mut streamed, _) = received?;
+    comp_result.map_err(|_| anyhow::anyhow!("the compressor thread panicked"))??;
+    for (ix, p) in uploaded {
+        streamed.archives[ix].parts.push(p);
+    }
+    Ok(streamed)
+}
+
+/// The receive loop of [`stream_parts`]: tar bytes to the compressor, cut every `part_size`.
+async fn receive_parts(
+    conn: &mut Connection,
+    id: &str,
+    cfg: &BackupConfig,
+    to_comp: &tokio::sync::mpsc::Sender<ToCompressor>,
+) -> Result<(Streamed, u32)> {
     let mut archives: Vec<ArchiveInfo> = Vec::new();
-    let mut buf = BytesMut::new();
     let mut manifest = BytesMut::new();
     let mut in_manifest = false;
     let mut next_part = 0u32;
+    let mut in_part = 0usize;
     let mut last_progress = Instant::now();
-    // The current archive's buffered bytes become a part.
-    let mut cut = |buf: &mut BytesMut| -> Option<PartJob> {
-        if buf.is_empty() {
-            return None;
-        }
-        let job = PartJob { n: next_part, data: buf.split().freeze() };
-        next_part += 1;
-        Some(job)
-    };
+    let gone = || anyhow::anyhow!("the backup's compressor stopped");
     loop {
-        match conn.base_backup_next().await? {
+        let ev = conn.base_backup_next().await?;
+        let cut_here = matches!(ev, BackupEvent::Archive { .. } | BackupEvent::Manifest | BackupEvent::End { .. });
+        if cut_here && in_part > 0 {
+            to_comp
+                .send(ToCompressor::Cut { archive_ix: archives.len() - 1, n: next_part })
+                .await
+                .map_err(|_| gone())?;
+            next_part += 1;
+            in_part = 0;
+        }
+        match ev {
             BackupEvent::Archive { name, location } => {
-                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
-                    pool.push(ix, job).await?;
-                }
                 archives.push(ArchiveInfo { name, location, parts: Vec::new(), raw_bytes: 0 });
             }
             BackupEvent::Data(d) if in_manifest => manifest.extend_from_slice(&d),
             BackupEvent::Data(d) => {
                 let a = archives.last_mut().context("BASE_BACKUP sent data before naming an archive")?;
                 a.raw_bytes += d.len() as u64;
-                buf.extend_from_slice(&d);
-                if buf.len() >= cfg.part_size {
-                    let job = cut(&mut buf).expect("non-empty");
-                    pool.push(archives.len() - 1, job).await?;
+                let mut d = d;
+                while !d.is_empty() {
+                    let take = d.len().min(cfg.part_size - in_part);
+                    let piece = d.split_to(take);
+                    in_part += piece.len();
+                    to_comp.send(ToCompressor::Data(piece)).await.map_err(|_| gone())?;
+                    if in_part >= cfg.part_size {
+                        let archive_ix = archives.len() - 1;
+                        to_comp.send(ToCompressor::Cut { archive_ix, n: next_part }).await.map_err(|_| gone())?;
+                        next_part += 1;
+                        in_part = 0;
+                    }
                 }
             }
             BackupEvent::Progress(done) => {
@@ -431,26 +521,16 @@ async fn stream_parts(conn: &mut Connection, writer: &Writer, id: &str, cfg: &Ba
                     last_progress = Instant::now();
                 }
             }
-            BackupEvent::Manifest => {
-                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
-                    pool.push(ix, job).await?;
-                }
-                in_manifest = true;
-            }
+            BackupEvent::Manifest => in_manifest = true,
             BackupEvent::End { lsn, timeline } => {
-                if let (Some(ix), Some(job)) = (archives.len().checked_sub(1), cut(&mut buf)) {
-                    pool.push(ix, job).await?;
-                }
-                for (ix, p) in pool.finish().await? {
-                    archives[ix].parts.push(p);
-                }
-                return Ok(Streamed {
+                let streamed = Streamed {
                     archives,
                     manifest: manifest.freeze(),
                     stop_lsn: lsn,
                     stop_timeline: timeline,
                     stopped: walvault_shared::time::now(),
-                });
+                };
+                return Ok((streamed, next_part));
             }
         }
     }

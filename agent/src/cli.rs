@@ -114,6 +114,15 @@ pub struct StreamOpts {
     /// (exit 1 if it could not: the slot keeps that WAL) [default: 30s].
     #[arg(long, env = "WALVAULT_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// Synchronous mode (RPO = 0): make WAL durable in the archive as soon as it arrives (group
+    /// commit, no waiting for --chunk-interval) and report it at once, so that PostgreSQL with
+    /// synchronous_standby_names naming this agent returns a commit only once it is archived.
+    #[arg(long, env = "WALVAULT_SYNCHRONOUS")]
+    pub synchronous: bool,
+    /// The application_name the agent connects with: what synchronous_standby_names names
+    /// [default: walvault, or application_name in --pg-url].
+    #[arg(long, env = "WALVAULT_APPLICATION_NAME")]
+    pub application_name: Option<String>,
     /// Serve /metrics, /healthz and /status on this address (e.g. 127.0.0.1:9187).
     #[arg(long, env = "WALVAULT_LISTEN")]
     pub listen: Option<String>,

@@ -52,6 +52,10 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
     pub listen: Option<String>,
+    /// `true`: synchronous mode (the flag `--synchronous`).
+    pub synchronous: Option<bool>,
+    /// The application_name to connect with (`--application-name`).
+    pub application_name: Option<String>,
     /// Path of the Ed25519 signing key (the flag `--signing-key`).
     pub signing_key: Option<PathBuf>,
     /// age recipients to encrypt to (the flag `--encrypt-recipient`, repeatable).
@@ -160,6 +164,11 @@ pub fn has_password(url: &str) -> bool {
     url.split_whitespace().any(|kv| kv.trim_start().starts_with("password="))
 }
 
+/// The application_name to connect with: `--application-name`, else the connection string's.
+pub fn application_name(o: &StreamOpts, file: &FileConfig) -> Option<String> {
+    o.application_name.clone().or(file.application_name.clone())
+}
+
 /// The signing key, if one is configured.
 pub fn signer(s: &ServerOpts, file: &FileConfig) -> Result<Option<Arc<SigningKey>>> {
     match s.signing_key.clone().or(file.signing_key.clone()) {
@@ -212,6 +221,7 @@ pub fn stream(o: &StreamOpts, file: &FileConfig) -> Result<StreamConfig> {
         upload_timeout: o.upload_timeout.or(file.upload_timeout).unwrap_or(d.upload_timeout),
         status_interval: o.status_interval.or(file.status_interval).unwrap_or(d.status_interval),
         shutdown_timeout: o.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(d.shutdown_timeout),
+        synchronous: o.synchronous || file.synchronous.unwrap_or(false),
         ..d
     };
     validate_stream(&c)?;

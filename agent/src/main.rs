@@ -112,6 +112,12 @@ async fn open_writer(
     recipients: Option<walvault_shared::archive::crypt::Recipients>,
 ) -> Result<Writer> {
     let store = walvault_shared::storage::open(&common.archive, &common.s3).await?;
+    // Tests (debug builds only) put a fault-injecting store under the agent.
+    #[cfg(debug_assertions)]
+    let store = match std::env::var_os("WALVAULT_TEST_FAULTS") {
+        Some(p) => walvault_shared::storage::faulty::controlled_by_file(store, p.into()),
+        None => store,
+    };
     let w = Writer::new(store, signer);
     Ok(match recipients {
         Some(r) => w.with_encryption(r),
@@ -127,7 +133,16 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
     let signer = config::signer(&a.server, &file).map_err(usage)?;
     let recipients = config::encryption(&a.server, &file).map_err(usage)?;
     let rotation = config::key_rotation(&a.stream, &file).map_err(usage)?;
-    let params = ConnParams::parse_with_process_env(&config::pg_url(&a.server, &file)).map_err(usage)?;
+    let mut params = ConnParams::parse_with_process_env(&config::pg_url(&a.server, &file)).map_err(usage)?;
+    if let Some(name) = config::application_name(&a.stream, &file) {
+        params.application_name = name;
+    }
+    if stream_cfg.synchronous {
+        tracing::info!(
+            application_name = %params.application_name,
+            "synchronous mode: WAL is archived as it arrives; name this agent in synchronous_standby_names"
+        );
+    }
     http::raise_fd_limit();
     // Bind first: a busy port is a configuration error, found before anything starts.
     let listener = config::listen(&a.stream, &file).map(|addr| http::bind(&addr)).transpose().map_err(usage)?;

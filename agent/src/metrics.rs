@@ -92,6 +92,10 @@ pub struct Metrics {
     pub backups_taken: Counter,
     pub backup_failures: Counter,
     pub archive_url: Mutex<String>,
+    /// Sequence number of the next chunk the watermark waits for (chunks before it are durable).
+    pub durable_seq: Gauge,
+    /// 1 in synchronous mode.
+    pub synchronous: Gauge,
 }
 
 fn now_ms() -> u64 {
@@ -222,6 +226,18 @@ impl Metrics {
             "gauge",
             self.next_backup_unix.get() as f64,
         );
+        g(
+            "synchronous",
+            "1 in synchronous mode (commits wait for the archive when synchronous_standby_names names the agent).",
+            "gauge",
+            self.synchronous.get() as f64,
+        );
+        g(
+            "sync_waiting_seconds",
+            "Synchronous mode: how long the oldest received WAL has been waiting for the archive (commits wait as long); 0 otherwise.",
+            "gauge",
+            if self.synchronous.get() == 1 { self.lag_seconds() } else { 0.0 },
+        );
         g("backups_total", "Base backups taken by this process.", "counter", self.backups_taken.get() as f64);
         g("backup_failures_total", "Base backups that failed.", "counter", self.backup_failures.get() as f64);
         s
@@ -242,6 +258,8 @@ impl Metrics {
             "server_lsn": Lsn(self.server_lsn.get()).to_string(),
             "lag_bytes": self.lag_bytes(),
             "lag_seconds": self.lag_seconds(),
+            "synchronous": self.synchronous.get() == 1,
+            "sync_waiting_seconds": if self.synchronous.get() == 1 { self.lag_seconds() } else { 0.0 },
             "wal_bytes_archived": self.wal_bytes_archived.get(),
             "chunks_archived": self.chunks_archived.get(),
             "segments_archived": self.segments_archived.get(),

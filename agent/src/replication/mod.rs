@@ -112,6 +112,9 @@ pub struct Connection {
     /// after a large one, so bulk throughput is not capped; adds at most READ_COALESCE to the
     /// time a message waits in the socket, against chunk intervals of 100 ms and more.
     coalesce_reads: bool,
+    /// Never coalesce reads (synchronous mode: every microsecond a message waits is a
+    /// commit's latency).
+    pub low_latency: bool,
     /// When the last read returned, and whether it was small.
     last_read: Option<(tokio::time::Instant, bool)>,
 }
@@ -192,6 +195,7 @@ impl Connection {
             port,
             in_copy: false,
             coalesce_reads: false,
+            low_latency: false,
             last_read: None,
         };
         tokio::time::timeout(timeout, c.startup(params, host, port))
@@ -411,7 +415,7 @@ impl Connection {
             match self.read_message().await? {
                 Msg::CopyBoth => {
                     self.in_copy = true;
-                    self.coalesce_reads = true;
+                    self.coalesce_reads = !self.low_latency;
                     return Ok(());
                 }
                 Msg::Backend(backend::Message::ErrorResponse(e)) => {
@@ -431,6 +435,15 @@ impl Connection {
                 Msg::Backend(backend::Message::RowDescription(_)) => {}
                 _ => bail!("unexpected reply to START_REPLICATION"),
             }
+        }
+    }
+
+    /// Whether a whole message is already buffered (the next [`Connection::next_message`] will
+    /// not wait for the network).
+    pub fn has_buffered_message(&self) -> bool {
+        self.rbuf.len() >= 5 && {
+            let len = i32::from_be_bytes(self.rbuf[1..5].try_into().expect("4 bytes"));
+            len >= 4 && self.rbuf.len() > len as usize
         }
     }
 

@@ -15,16 +15,25 @@
 //! not decrypt anyway — and a difference is split brain. The verified bytes then become a
 //! [`Job::Prefix`], so that the segment can still be written whole.
 //!
-//! Memory: the open chunk (at most `chunk_max_bytes`) and, at a restart, the archived prefix
-//! of the current segment being verified.
+//! Compression happens here, as bytes arrive: the open chunk is a streaming zstd encoder (one
+//! frame per chunk) and a running crc32 of the plain bytes, so only compressed bytes are ever
+//! held (for pgbench-like WAL a fifth to a tenth of the plain size), and a sealed chunk is a
+//! ready [`Frame`] that the uploader only wraps in its envelope.
+//!
+//! Memory: the open chunk's compressed bytes and its encoder's state (about 1 MiB at level 1)
+//! and, at a restart, the archived prefix of the current segment being verified.
 
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use std::io::Write;
+
+use bytes::BytesMut;
 use walvault_shared::archive::walcat::CommitStats;
 use walvault_shared::lsn::{Lsn, TimelineId};
 use walvault_shared::wal::SegmentName;
 use walvault_shared::walreader::{EventKind, WalReader};
+
+use super::uploader::Frame;
 
 /// Work for the uploader. `seq` numbers chunks in stream order; the archived watermark is the
 /// end of the longest run of durable chunks from the first.
@@ -35,17 +44,18 @@ pub enum Job {
         segment: SegmentName,
         start: Lsn,
         end: Lsn,
-        data: Bytes,
+        /// The chunk's bytes, compressed (one zstd frame), with their plain length and crc32.
+        frame: Frame,
         sealed_at: chrono::DateTime<chrono::Utc>,
         commits: CommitStats,
     },
     /// Write the whole segment once every chunk up to `after_seq` is durable, then delete the
     /// segment's chunks.
     Segment { after_seq: u64, segment: SegmentName },
-    /// The beginning `[start, end)` of the current segment, archived by an earlier session and
-    /// now verified against the server: the uploader keeps it (compressed) to build the whole
-    /// segment.
-    Prefix { timeline: TimelineId, start: Lsn, end: Lsn, data: Bytes },
+    /// The beginning `[start, frame.end)` of the current segment, archived by an earlier
+    /// session and now verified against the server, compressed: the uploader keeps it to build
+    /// the whole segment.
+    Prefix { start: Lsn, frame: Frame },
 }
 
 /// A piece of WAL the archive already holds: `[start, end)` whose plain crc32 is `crc`.
@@ -72,13 +82,41 @@ pub struct Chunker {
     pos: Lsn,
     /// Whether the current segment was seen (streamed or verified) from its first byte.
     whole_segment: bool,
-    chunk: BytesMut,
+    /// The open chunk: compressed as it arrives.
+    chunk: Option<OpenChunk>,
+    zstd_level: i32,
     chunk_start: Lsn,
     chunk_opened: Option<Instant>,
     next_seq: u64,
     /// Finds the commits in the stream (from the first segment start seen).
     reader: Option<WalReader>,
     commits: CommitStats,
+}
+
+/// The open chunk: a streaming zstd encoder writing one frame, and the plain bytes' crc32.
+struct OpenChunk {
+    enc: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    crc: crc32fast::Hasher,
+    len: usize,
+}
+
+impl OpenChunk {
+    fn new(level: i32) -> Self {
+        let enc = zstd::stream::write::Encoder::new(Vec::new(), level).expect("zstd encoder");
+        OpenChunk { enc, crc: crc32fast::Hasher::new(), len: 0 }
+    }
+
+    fn add(&mut self, data: &[u8]) {
+        // Writing into a Vec cannot fail.
+        self.enc.write_all(data).expect("compress into memory");
+        self.crc.update(data);
+        self.len += data.len();
+    }
+
+    fn finish(self, timeline: TimelineId, end: Lsn) -> Frame {
+        let payload = self.enc.finish().expect("compress into memory");
+        Frame { timeline, end, payload: payload.into(), plain_crc: self.crc.finalize(), plain_len: self.len as u64 }
+    }
 }
 
 /// What [`Chunker::push`] refuses.
@@ -108,6 +146,7 @@ impl Chunker {
         start: Lsn,
         segment_size: u64,
         max_chunk: usize,
+        zstd_level: i32,
         mut archived: Vec<ArchivedPiece>,
         first_seq: u64,
     ) -> Self {
@@ -123,7 +162,8 @@ impl Chunker {
             timeline,
             pos: start,
             whole_segment: start.is_segment_start(segment_size),
-            chunk: BytesMut::new(),
+            chunk: None,
+            zstd_level,
             chunk_start: start,
             chunk_opened: None,
             next_seq: first_seq,
@@ -193,9 +233,10 @@ impl Chunker {
         if self.pos == self.verify_end {
             let data = self.verified.split().freeze();
             if self.whole_segment && !data.is_empty() {
-                let end = self.verify_end;
-                jobs.push(Job::Prefix { timeline: self.timeline, start: self.verify_start, end, data });
+                let frame = Frame::compress(self.timeline, self.verify_end, &data, self.zstd_level);
+                jobs.push(Job::Prefix { start: self.verify_start, frame });
             }
+            self.verified = BytesMut::new();
         }
         Ok(n)
     }
@@ -210,19 +251,22 @@ impl Chunker {
             data = &data[n..];
         }
         while !data.is_empty() {
-            if self.chunk.is_empty() {
+            if self.chunk.is_none() {
+                self.chunk = Some(OpenChunk::new(self.zstd_level));
                 self.chunk_start = self.pos;
                 self.chunk_opened = Some(Instant::now());
             }
             let seg_end = self.pos.segment_start(self.segment_size).0 + self.segment_size;
             let room_in_segment = (seg_end - self.pos.0) as usize;
-            let room_in_chunk = self.max_chunk - self.chunk.len();
+            let chunk = self.chunk.as_mut().expect("open");
+            let room_in_chunk = self.max_chunk - chunk.len;
             let n = data.len().min(room_in_segment).min(room_in_chunk);
+            chunk.add(&data[..n]);
+            let full = chunk.len >= self.max_chunk;
             self.scan(self.pos, &data[..n]);
-            self.chunk.extend_from_slice(&data[..n]);
             data = &data[n..];
             self.pos = Lsn(self.pos.0 + n as u64);
-            if self.pos.0 == seg_end || self.chunk.len() >= self.max_chunk {
+            if self.pos.0 == seg_end || full {
                 self.seal(jobs);
             }
         }
@@ -231,10 +275,10 @@ impl Chunker {
 
     /// Seal the open chunk (no-op when empty); at a segment end also emit the whole segment.
     pub fn seal(&mut self, jobs: &mut Vec<Job>) {
-        if self.chunk.is_empty() {
+        let Some(chunk) = self.chunk.take().filter(|c| c.len > 0) else {
             return;
-        }
-        let data = self.chunk.split().freeze();
+        };
+        let frame = chunk.finish(self.timeline, self.pos);
         let segment = SegmentName::containing(self.timeline, self.chunk_start, self.segment_size);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -243,7 +287,7 @@ impl Chunker {
             segment,
             start: self.chunk_start,
             end: self.pos,
-            data,
+            frame,
             sealed_at: walvault_shared::time::now(),
             commits: std::mem::take(&mut self.commits),
         });
@@ -269,14 +313,14 @@ mod tests {
             .map(|j| match j {
                 Job::Chunk { start, end, .. } => format!("c{}-{}", start.0, end.0),
                 Job::Segment { segment, .. } => format!("s{}", segment.segno.0),
-                Job::Prefix { start, end, .. } => format!("p{}-{}", start.0, end.0),
+                Job::Prefix { start, frame } => format!("p{}-{}", start.0, frame.end.0),
             })
             .collect()
     }
 
     #[test]
     fn splits_on_size_and_segment_and_emits_segments() {
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, vec![], 0);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, 400_000, 1, vec![], 0);
         let mut jobs = Vec::new();
         let data = vec![7u8; SZ as usize + 100];
         c.push(Lsn(SZ), &data, &mut jobs).unwrap();
@@ -312,7 +356,7 @@ mod tests {
                 },
             ]
         };
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, pieces(), 5);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, 1, pieces(), 5);
         assert_eq!(c.archived_from(), Lsn(SZ + 1000));
         // The server resends the archived bytes (in two messages), then new ones.
         c.push(Lsn(SZ), &[3u8; 600], &mut jobs).unwrap();
@@ -324,15 +368,22 @@ mod tests {
             vec![format!("p{}-{}", SZ, SZ + 1000), format!("c{}-{}", SZ + 1000, 2 * SZ), "s1".to_string()]
         );
         match (&jobs[0], &jobs[1], &jobs[2]) {
-            (Job::Prefix { data, .. }, Job::Chunk { seq, data: new, .. }, Job::Segment { after_seq, .. }) => {
+            (Job::Prefix { frame, .. }, Job::Chunk { seq, frame: new, .. }, Job::Segment { after_seq, .. }) => {
+                let data = zstd::decode_all(&frame.payload[..]).unwrap();
                 assert_eq!(&data[..], &archived_bytes[..], "the verified prefix, from the server");
                 assert_eq!((*seq, *after_seq), (5, 5));
-                assert_eq!(new[0], 9, "only the new bytes are uploaded");
+                let new_plain = zstd::decode_all(&new.payload[..]).unwrap();
+                assert_eq!(
+                    (new_plain[0], new_plain.len() as u64),
+                    (9, new.plain_len),
+                    "only the new bytes are uploaded"
+                );
+                assert_eq!(new.plain_crc, crc32fast::hash(&new_plain));
             }
             j => panic!("{j:?}"),
         }
         // Different bytes where the archive has some: split brain, naming the piece.
-        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, pieces(), 0);
+        let mut c = Chunker::new(TimelineId(1), Lsn(SZ), SZ, SZ as usize, 1, pieces(), 0);
         let mut bad = vec![3u8; 700];
         bad[650] = 4;
         c.push(Lsn(SZ), &bad[..600], &mut jobs).unwrap();
@@ -350,7 +401,7 @@ mod tests {
     fn mid_segment_start_is_left_as_chunks() {
         let start = Lsn(SZ + 10);
         let mut jobs = Vec::new();
-        let mut c = Chunker::new(TimelineId(1), start, SZ, SZ as usize, vec![], 5);
+        let mut c = Chunker::new(TimelineId(1), start, SZ, SZ as usize, 1, vec![], 5);
         c.push(start, &vec![1u8; SZ as usize - 10], &mut jobs).unwrap();
         assert_eq!(kinds(&jobs), vec![format!("c{}-{}", SZ + 10, 2 * SZ)]);
     }

@@ -78,6 +78,9 @@ pub struct StreamConfig {
     pub shutdown_timeout: Duration,
     pub zstd_level: i32,
     pub reconnect_max_delay: Duration,
+    /// Synchronous mode: seal as soon as nothing more is waiting in the socket and fewer than
+    /// `upload_concurrency` chunks are on their way (group commit), read without coalescing.
+    pub synchronous: bool,
 }
 
 impl Default for StreamConfig {
@@ -94,6 +97,7 @@ impl Default for StreamConfig {
             shutdown_timeout: Duration::from_secs(30),
             zstd_level: 1,
             reconnect_max_delay: Duration::from_secs(30),
+            synchronous: false,
         }
     }
 }
@@ -327,7 +331,6 @@ async fn stream(
     let upload_cfg = UploadConfig {
         concurrency: cfg.upload_concurrency.max(1),
         upload_timeout: cfg.upload_timeout,
-        zstd_level: cfg.zstd_level,
         segment_size: seg,
     };
     let Resume { timeline, start, frontier, prefix, records } = resume;
@@ -338,7 +341,10 @@ async fn stream(
         Uploader::new(writer.clone(), upload_cfg, watermark_tx, metrics.clone(), upload_cancel.clone(), records);
     let uploader = tokio::spawn(uploader.run(job_rx));
     metrics.archived_lsn.set(metrics.archived_lsn.get().max(frontier.0));
-    let chunker = Chunker::new(timeline, start, seg, cfg.chunk_max_bytes, prefix, 0);
+    let chunker = Chunker::new(timeline, start, seg, cfg.chunk_max_bytes, cfg.zstd_level, prefix, 0);
+    conn.low_latency = cfg.synchronous;
+    metrics.durable_seq.set(0);
+    metrics.synchronous.set(cfg.synchronous as u64);
     conn.start_replication(&cfg.slot, start, timeline).await?;
     *ever_streamed = true;
     metrics.up.set(1);
@@ -447,9 +453,26 @@ impl Receive {
                 }
                 msg = self.conn.next_message() => self.on_message(msg?, writer, cfg, metrics, watermark_rx).await?,
             }
+            if cfg.synchronous {
+                self.seal_for_sync(cfg, metrics);
+            }
             for j in self.jobs.drain(..) {
                 self.job_tx.send(j).await.map_err(|_| anyhow!("uploader stopped"))?;
             }
+        }
+    }
+
+    /// Synchronous mode's group commit: seal the open chunk once nothing more is waiting in
+    /// the socket, unless `upload_concurrency` chunks are already on their way (then what
+    /// arrives meanwhile goes in the next one, sealed when one of them is durable: every
+    /// watermark move passes here).
+    fn seal_for_sync(&mut self, cfg: &StreamConfig, metrics: &Metrics) {
+        if self.chunker.chunk_opened().is_none() || self.conn.has_buffered_message() {
+            return;
+        }
+        let outstanding = self.chunker.next_seq().saturating_sub(metrics.durable_seq.get());
+        if outstanding < cfg.upload_concurrency.max(1) as u64 {
+            self.chunker.seal(&mut self.jobs);
         }
     }
 
@@ -492,8 +515,15 @@ impl Receive {
                 self.timeline = next_timeline;
                 let seg = self.chunker.segment_size();
                 let start = next_start.segment_start(seg);
-                self.chunker =
-                    Chunker::new(next_timeline, start, seg, cfg.chunk_max_bytes, vec![], self.chunker.next_seq());
+                self.chunker = Chunker::new(
+                    next_timeline,
+                    start,
+                    seg,
+                    cfg.chunk_max_bytes,
+                    cfg.zstd_level,
+                    vec![],
+                    self.chunker.next_seq(),
+                );
                 self.conn.start_replication(&cfg.slot, start, next_timeline).await?;
                 metrics.timeline.set(next_timeline.0 as u64);
             }

@@ -1,8 +1,10 @@
 //! The uploader: compress, seal and write WAL objects, and publish the archived watermark.
 //!
-//! * Chunks go up with at most `concurrency` in flight. Each is written once
-//!   ([`Writer::put_once`]): identical content already there is success (a retry after a
-//!   timeout, or a restart), different content is split brain and stops the agent.
+//! * Chunks arrive compressed (the chunker compresses as WAL arrives) and go up with at most
+//!   `concurrency` in flight. Each is written once ([`Writer::put_once_by_checksum`]): the same
+//!   content already there (plain length and crc32, the existing object's own checksums
+//!   verified) is success (a retry after a timeout, or a restart), different content is split
+//!   brain and stops the agent.
 //! * Every other failure (store down, throttled, hanging past `upload_timeout`, a full disk) is
 //!   retried with backoff until it succeeds or the uploader is cancelled (shutdown past its
 //!   deadline): the replication slot holds the WAL meanwhile, and the metrics and logs say how
@@ -15,8 +17,8 @@
 //!   then its chunks are deleted. The per-chunk durable times go into the segment's metadata,
 //!   and every [`INDEX_INTERVAL`] into a commit index batch.
 //!
-//! Memory: the chunks in flight (`concurrency × chunk_max_bytes` raw, then their compressed
-//! frames) and the compressed frames of the segment being filled.
+//! Memory: the compressed frames of the chunks in flight and queued, and those of the segment
+//! being filled; an envelope copy of each frame while it uploads.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -46,7 +48,6 @@ pub const INDEX_INTERVAL: Duration = Duration::from_secs(300);
 pub struct UploadConfig {
     pub concurrency: usize,
     pub upload_timeout: Duration,
-    pub zstd_level: i32,
     pub segment_size: u64,
 }
 
@@ -62,7 +63,7 @@ pub enum UploadStop {
 }
 
 /// A chunk's compressed payload (one zstd frame) and its plain checksum.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Frame {
     pub timeline: TimelineId,
     pub end: Lsn,
@@ -176,11 +177,7 @@ impl Uploader {
                 job = jobs.recv(), if open && self.in_flight.len() < self.cfg.concurrency => match job {
                     None => open = false,
                     Some(Job::Segment { after_seq, segment }) => self.segments.push_back((after_seq, segment)),
-                    Some(Job::Prefix { timeline, start, end, data }) => {
-                        let level = self.cfg.zstd_level;
-                        let frame = tokio::task::spawn_blocking(move || Frame::compress(timeline, end, &data, level))
-                            .await
-                            .expect("compress task");
+                    Some(Job::Prefix { start, frame }) => {
                         self.frames.insert(start, frame);
                     }
                     Some(chunk) => self.start_chunk(chunk),
@@ -190,7 +187,7 @@ impl Uploader {
     }
 
     fn start_chunk(&mut self, job: Job) {
-        let Job::Chunk { seq, segment, start, end, data, sealed_at, commits } = job else { return };
+        let Job::Chunk { seq, segment, start, end, frame, sealed_at, commits } = job else { return };
         let key = names::chunk(&segment, self.cfg.segment_size, start, end);
         let meta = WalObjectMeta {
             timeline: segment.timeline,
@@ -204,9 +201,9 @@ impl Uploader {
         let (writer, cfg, metrics, cancel) =
             (self.writer.clone(), self.cfg.clone(), self.metrics.clone(), self.cancel.child_token());
         self.in_flight.push(tokio::spawn(async move {
-            let len = data.len() as u64;
-            let (frame, object) = seal_chunk(&writer, &key, &meta, data.clone(), cfg.zstd_level).await;
-            upload(&writer, &cfg, &metrics, &cancel, &key, object, &data).await?;
+            let len = frame.plain_len;
+            let object = seal_chunk(&writer, &key, &meta, &frame).await;
+            upload(&writer, &cfg, &metrics, &cancel, &key, object, frame.plain_len, frame.plain_crc).await?;
             metrics.chunks_archived.inc();
             metrics.wal_bytes_archived.add(len);
             let record = ChunkRecord {
@@ -264,7 +261,7 @@ impl Uploader {
                     Compression::Zstd,
                     &payload,
                 );
-                upload_segment(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
+                upload(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
                 metrics.segments_archived.inc();
                 delete_chunks_of(&writer, &key, &names::chunks_of(&segment, cfg.segment_size)).await;
                 Ok::<Done, UploadStop>(Done::Segment)
@@ -282,6 +279,7 @@ impl Uploader {
             self.next_seq += 1;
             advanced = Some(end);
         }
+        self.metrics.durable_seq.set(self.next_seq);
         if let Some(end) = advanced {
             self.watermark.send_if_modified(|w| {
                 let moved = end > *w;
@@ -303,14 +301,13 @@ impl Drop for Uploader {
     }
 }
 
-/// Compress a chunk and seal it, off the async thread: its frame (kept for the segment) and the
-/// object to upload.
-async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, data: Bytes, level: i32) -> (Frame, Bytes) {
-    let (writer, key, meta) = (writer.clone(), key.to_string(), meta.clone());
+/// Seal a chunk's frame in its envelope (off the async thread: encryption and signing cost
+/// CPU): the object to upload.
+async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, frame: &Frame) -> Bytes {
+    let (writer, key, meta, frame) = (writer.clone(), key.to_string(), meta.clone(), frame.clone());
     tokio::task::spawn_blocking(move || {
-        let frame = Frame::compress(meta.timeline, meta.end_lsn, &data, level);
         let meta_json = serde_json::to_vec(&meta).expect("metadata serialises");
-        let object = writer.encode_raw(
+        writer.encode_raw(
             &key,
             ObjectKind::WalChunk,
             &meta_json,
@@ -318,8 +315,7 @@ async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, data: Byte
             frame.plain_crc,
             Compression::Zstd,
             &frame.payload,
-        );
-        (frame, object)
+        )
     })
     .await
     .expect("seal task")
@@ -358,57 +354,13 @@ impl std::fmt::Display for Attempt {
     }
 }
 
-/// Write one sealed object (plain content `data`) once, retrying everything but split brain
-/// until it succeeds or `cancel` fires.
-async fn upload(
-    writer: &Writer,
-    cfg: &UploadConfig,
-    metrics: &Metrics,
-    cancel: &CancellationToken,
-    key: &str,
-    object: Bytes,
-    data: &[u8],
-) -> Result<(), UploadStop> {
-    let attempt = |_| {
-        let object = object.clone();
-        async move {
-            let r = tokio::time::timeout(cfg.upload_timeout, writer.put_once(key, object, data)).await;
-            match r {
-                Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(e @ PutOnceError::SplitBrain { .. })) => Err(Attempt::SplitBrain(e)),
-                Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
-                Err(_) => Err(Attempt::Retry(StorageError::Timeout { op: "put", key: key.to_string() }.to_string())),
-            }
-        }
-    };
-    let retryable = |e: &Attempt| {
-        if let Attempt::Retry(msg) = e {
-            metrics.upload_retries.inc();
-            metrics.set_error(format!("upload {key}: {msg}"));
-        }
-        matches!(e, Attempt::Retry(_))
-    };
-    match RetryPolicy::forever().retry(&format!("upload {key}"), cancel, retryable, attempt).await {
-        Ok(outcome) => {
-            if outcome == PutOutcome::AlreadyThere {
-                tracing::info!("{key} was already archived with the same content");
-            }
-            metrics.bytes_uploaded.add(object.len() as u64);
-            Ok(())
-        }
-        Err(RetryError::Failed(Attempt::SplitBrain(e))) => {
-            metrics.upload_errors.inc();
-            Err(UploadStop::Fatal(e))
-        }
-        Err(_) => Err(UploadStop::Cancelled),
-    }
-}
-
-/// A whole segment's object: the same write-once rule, but its plain content is known by
-/// length and crc only (it was never held decompressed), so an existing object is compared by
-/// those. Different content is split brain.
+/// Write one sealed object once, retrying everything but split brain until it succeeds or
+/// `cancel` fires. Its plain content is known by length and crc32 (chunks are compressed as
+/// they arrive and segments assembled from their frames: neither is held decompressed), so an
+/// object already there is the same when it decodes, checksums verified, to that length and
+/// crc32; anything else is split brain.
 #[allow(clippy::too_many_arguments)]
-async fn upload_segment(
+async fn upload(
     writer: &Writer,
     cfg: &UploadConfig,
     metrics: &Metrics,
@@ -442,7 +394,10 @@ async fn upload_segment(
         matches!(e, Attempt::Retry(_))
     };
     match RetryPolicy::forever().retry(&format!("upload {key}"), cancel, retryable, attempt).await {
-        Ok(_) => {
+        Ok(outcome) => {
+            if outcome == PutOutcome::AlreadyThere {
+                tracing::info!("{key} was already archived with the same content");
+            }
             metrics.bytes_uploaded.add(object.len() as u64);
             Ok(())
         }

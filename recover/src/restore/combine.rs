@@ -284,35 +284,8 @@ impl Combiner {
                     finish_file(&file, &p, 0, self.g, &mut self.buf)?;
                 }
             } else {
-                // A whole file: every block below the truncation length not written yet.
-                if size % bs != 0 {
-                    bail!("{name} is {size} bytes, not a whole number of {bs}-byte blocks");
-                }
-                let have = ((size / bs) as u32).min(p.truncation);
-                let mut b = 0u32;
-                while b < have {
-                    let n = ((self.buf.len() as u64 / bs) as u32).min(have - b);
-                    let chunk = &mut self.buf[..(n as u64 * bs) as usize];
-                    entry.read_exact(chunk).with_context(|| format!("read {name}"))?;
-                    // Runs of blocks not written yet.
-                    let mut i = 0u32;
-                    while i < n {
-                        if p.written.contains(&(b + i)) {
-                            i += 1;
-                            continue;
-                        }
-                        let run_start = i;
-                        while i < n && !p.written.contains(&(b + i)) {
-                            i += 1;
-                        }
-                        let from = (run_start as u64 * bs) as usize;
-                        let to = (i as u64 * bs) as usize;
-                        file.write_all_at(&chunk[from..to], (b + run_start) as u64 * bs)
-                            .with_context(|| format!("write {}", p.path.display()))?;
-                    }
-                    b += n;
-                }
                 let p = self.pending.remove(&key).expect("present");
+                let have = fill_from_whole(&file, &p, &mut entry, size, self.g, &mut self.buf, &name)?;
                 finish_file(&file, &p, have, self.g, &mut self.buf)?;
             }
         }
@@ -340,6 +313,47 @@ impl Combiner {
         }
         Ok(self.reconstructed)
     }
+}
+
+/// From a whole file of `size` bytes (read from `entry`): every block below the truncation
+/// length not written yet, in runs. Returns how many blocks it covered.
+fn fill_from_whole(
+    file: &std::fs::File,
+    p: &Pending,
+    entry: &mut impl Read,
+    size: u64,
+    g: Geometry,
+    buf: &mut [u8],
+    name: &str,
+) -> Result<u32> {
+    let bs = g.blcksz as u64;
+    if size % bs != 0 {
+        bail!("{name} is {size} bytes, not a whole number of {bs}-byte blocks");
+    }
+    let have = ((size / bs) as u32).min(p.truncation);
+    let mut b = 0u32;
+    while b < have {
+        let n = ((buf.len() as u64 / bs) as u32).min(have - b);
+        let chunk = &mut buf[..(n as u64 * bs) as usize];
+        entry.read_exact(chunk).with_context(|| format!("read {name}"))?;
+        // Runs of blocks not written yet.
+        let mut i = 0u32;
+        while i < n {
+            if p.written.contains(&(b + i)) {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < n && !p.written.contains(&(b + i)) {
+                i += 1;
+            }
+            let (from, to) = ((run_start as u64 * bs) as usize, (i as u64 * bs) as usize);
+            file.write_all_at(&chunk[from..to], (b + run_start) as u64 * bs)
+                .with_context(|| format!("write {}", p.path.display()))?;
+        }
+        b += n;
+    }
+    Ok(have)
 }
 
 /// Complete a reconstructed file: zeros for every block below its output length that no

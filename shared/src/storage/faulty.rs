@@ -158,3 +158,62 @@ impl ObjectStore for FaultyStore {
         self.wrap("delete", &first, self.inner.delete(keys)).await
     }
 }
+
+/// Faults driven from outside the process, for integration tests of the agent: the file at
+/// `path` is read every 100 ms and, when its content changes, applied to a [`FaultyStore`]
+/// around `inner`. One command per file:
+/// * empty or absent: no faults;
+/// * `fail P [OP…]`: each call (of the operations named: put, get, head, list, delete) fails
+///   with probability P;
+/// * `fail-next N [OP…]`: the next N calls fail before reaching the store;
+/// * `fail-after N [OP…]`: the next N calls reach the store, then report a timeout;
+/// * `hang`: every call blocks until the file changes.
+///
+/// The binaries honour `WALVAULT_TEST_FAULTS` only in debug builds (what the tests run).
+pub fn controlled_by_file(inner: Arc<dyn ObjectStore>, path: std::path::PathBuf) -> Arc<dyn ObjectStore> {
+    let store = Arc::new(FaultyStore::new(inner));
+    let weak = Arc::downgrade(&store);
+    tokio::spawn(async move {
+        let mut last: Option<String> = None;
+        loop {
+            let Some(store) = weak.upgrade() else { return };
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if last.as_deref() != Some(text.as_str()) {
+                store.clear();
+                if let Err(e) = apply_command(&store, text.trim()) {
+                    tracing::error!("{}: {e}", path.display());
+                }
+                last = Some(text);
+            }
+            drop(store);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    store
+}
+
+fn apply_command(store: &FaultyStore, cmd: &str) -> Result<(), String> {
+    let mut w = cmd.split_whitespace();
+    let Some(verb) = w.next() else { return Ok(()) };
+    let arg = if verb == "hang" { None } else { w.next() };
+    let ops: Vec<&'static str> = w
+        .map(|o| match o {
+            "put" => Ok("put"),
+            "get" => Ok("get"),
+            "head" => Ok("head"),
+            "list" => Ok("list"),
+            "delete" => Ok("delete"),
+            o => Err(format!("unknown operation {o:?}")),
+        })
+        .collect::<Result<_, _>>()?;
+    store.only_ops(if ops.is_empty() { None } else { Some(&ops) });
+    let num = |a: Option<&str>| a.and_then(|x| x.parse::<f64>().ok()).ok_or(format!("{verb}: a number is missing"));
+    match verb {
+        "fail" => store.fail_with_probability(num(arg)?),
+        "fail-next" => store.fail_next(num(arg)? as u32),
+        "fail-after" => store.fail_next_after(num(arg)? as u32),
+        "hang" => store.hang(true),
+        v => return Err(format!("unknown fault command {v:?}")),
+    }
+    Ok(())
+}

@@ -10,5 +10,6 @@ mod incremental;
 mod operator;
 mod security;
 mod storage_conformance;
+mod synchronous;
 mod verify;
 mod walreader_vs_waldump;
