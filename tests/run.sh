@@ -59,12 +59,18 @@ if [ "$install" = 1 ]; then
   command -v openssl >/dev/null || apt_pkgs+=(openssl)
   python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
   command -v age-keygen >/dev/null || apt_pkgs+=(age)   # encryption tests make keys with the age tools
+  [ -x /usr/bin/promtool ] || apt_pkgs+=(prometheus)      # promtool checks the alert rules and /metrics
+  command -v man >/dev/null || apt_pkgs+=(man-db)         # the package test looks for the man pages
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     sudo_ apt-get update -qq
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}"
     # Debian creates and starts a default cluster; the tests make their own.
     if [ -x /usr/bin/pg_lsclusters ] && pg_lsclusters -h 2>/dev/null | grep -q '^15 *main'; then
       sudo_ pg_dropcluster --stop 15 main || true
+    fi
+    # Debian's prometheus package starts a server; the tests need only its promtool.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+      sudo_ systemctl disable --now prometheus prometheus-node-exporter 2>/dev/null || true
     fi
   fi
   if ! "$VENV/bin/weed" version 2>/dev/null | grep -q "$WEED_VERSION"; then
@@ -91,7 +97,7 @@ if [ "$install" = 1 ]; then
   rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 fi
 
-needs=("$VENV/bin/weed" /usr/bin/age-keygen)
+needs=("$VENV/bin/weed" /usr/bin/age-keygen /usr/bin/promtool /usr/bin/man /usr/bin/dpkg-deb)
 for m in "${MAJORS[@]}"; do
   for tool in initdb postgres pg_ctl psql pg_waldump pg_verifybackup pgbench; do
     needs+=("$(pg_bin_for "$m")/$tool")
@@ -168,5 +174,9 @@ for m in "${MAJORS[@]}"; do
     cargo nextest run -p walvault-tests --locked --profile ci "${extra[@]}"
   fi
 done
+if [ ${#extra[@]} -eq 0 ]; then
+  step "package test: build the .deb, dpkg -i, check, purge"
+  sudo_ env "CARGO_TARGET_DIR=$CARGO_TARGET_DIR" PATH="$PATH" deploy/deb/test.sh
+fi
 passed=1
 step "done"

@@ -26,9 +26,15 @@ pub enum Cmd {
     Backup(BackupCmdArgs),
     /// Apply retention now: delete expired backups and the WAL only they needed.
     Expire(ExpireArgs),
+    /// Keep a second archive (another provider or region) a verified, restorable replica of
+    /// the first: continuously, or one pass with --once. The copy keeps its own retention.
+    Copy(Box<CopyArgs>),
     /// Create an Ed25519 signing key for --signing-key (mode 0600) and print its verify key,
     /// the one line readers give to --verify-key.
     Keygen(KeygenArgs),
+    /// (packaging) write the man page and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// Where the archive is, and the settings every subcommand shares.
@@ -57,6 +63,10 @@ pub struct ArchiveOpts {
     /// The KMS key id for --s3-sse aws:kms (else the bucket's default key).
     #[arg(long, env = "WALVAULT_S3_SSE_KMS_KEY_ID")]
     pub s3_sse_kms_key_id: Option<String>,
+    /// S3 storage class of base backup parts and manifests (STANDARD_IA, INTELLIGENT_TIERING,
+    /// GLACIER_IR, …); WAL stays in the bucket's default class.
+    #[arg(long, env = "WALVAULT_BACKUP_STORAGE_CLASS")]
+    pub backup_storage_class: Option<String>,
     /// Log format: plain or json [default: plain]. Level from RUST_LOG (default info).
     #[arg(long, env = "WALVAULT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -229,6 +239,49 @@ pub struct ExpireArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The archive to copy from (file:///path, a path, s3://bucket/prefix).
+    #[arg(long)]
+    pub from: String,
+    /// The archive to copy to (created if it is a local directory that does not exist).
+    #[arg(long)]
+    pub to: String,
+    /// S3 endpoint of --from (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS).
+    #[arg(long)]
+    pub from_s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub from_s3_region: Option<String>,
+    #[arg(long)]
+    pub from_s3_force_path_style: bool,
+    /// S3 endpoint of --to. Its credentials: WALVAULT_TO_AWS_ACCESS_KEY_ID and
+    /// WALVAULT_TO_AWS_SECRET_ACCESS_KEY if set, else the usual AWS chain.
+    #[arg(long)]
+    pub to_s3_endpoint: Option<String>,
+    #[arg(long)]
+    pub to_s3_region: Option<String>,
+    #[arg(long)]
+    pub to_s3_force_path_style: bool,
+    /// Copy only objects signed by this key (repeatable).
+    #[arg(long = "verify-key", value_delimiter = ',')]
+    pub verify_keys: Vec<String>,
+    /// One pass, then exit (0: the copy holds everything the source had at the pass's start,
+    /// backups whose WAL was still missing excepted).
+    #[arg(long)]
+    pub once: bool,
+    /// Time between passes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Serve /metrics, /healthz and /status on this address.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Log format: plain or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    #[command(flatten)]
+    pub retention: RetentionOpts,
 }
 
 #[derive(Args, Debug)]

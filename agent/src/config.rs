@@ -70,6 +70,7 @@ pub struct FileConfig {
     pub s3_force_path_style: Option<bool>,
     pub s3_sse: Option<String>,
     pub s3_sse_kms_key_id: Option<String>,
+    pub backup_storage_class: Option<String>,
     /// Take a base backup this often (e.g. "24h").
     #[serde(default, with = "humantime_serde")]
     pub backup_interval: Option<Duration>,
@@ -136,6 +137,12 @@ pub fn common(a: &ArchiveOpts) -> Result<(FileConfig, Common)> {
             .map(|s| walvault_shared::storage::s3::parse_sse(&s))
             .transpose()?,
         sse_kms_key_id: a.s3_sse_kms_key_id.clone().or(file.s3_sse_kms_key_id.clone()),
+        backup_storage_class: a
+            .backup_storage_class
+            .clone()
+            .or(file.backup_storage_class.clone())
+            .map(|s| walvault_shared::storage::s3::parse_storage_class(&s))
+            .transpose()?,
         ..Default::default()
     };
     Ok((file, Common { archive, s3, log_json }))

@@ -23,7 +23,27 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+/// What the endpoint serves: the agent's [`crate::metrics::Metrics`], or the copier's.
+pub trait Endpoint: Send + Sync + 'static {
+    fn prometheus(&self) -> String;
+    fn status_json(&self) -> serde_json::Value;
+    /// `Ok` for 200 on /healthz, else the reason for a 503.
+    fn health(&self) -> Result<(), String>;
+}
+
+impl Endpoint for crate::metrics::Metrics {
+    fn prometheus(&self) -> String {
+        crate::metrics::Metrics::prometheus(self)
+    }
+    fn status_json(&self) -> serde_json::Value {
+        crate::metrics::Metrics::status_json(self)
+    }
+    fn health(&self) -> Result<(), String> {
+        crate::metrics::Metrics::health(self)
+    }
+}
+
+type Metrics = dyn Endpoint;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -46,7 +66,7 @@ pub struct Server {
 
 impl Server {
     /// Serve `listener` on a thread of its own until [`Server::stop`].
-    pub fn start(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn start(listener: std::net::TcpListener, metrics: Arc<dyn Endpoint>) -> Result<Self> {
         let stop = CancellationToken::new();
         let token = stop.clone();
         let thread = std::thread::Builder::new().name("walvault-http".into()).spawn(move || {
@@ -130,7 +150,7 @@ async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, stop: C
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
+                async move { Ok::<_, Infallible>(answer(&req, metrics.as_ref())) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)

@@ -9,6 +9,7 @@
 mod basebackup;
 mod cli;
 mod config;
+mod copy;
 mod http;
 mod metrics;
 mod replication;
@@ -18,6 +19,7 @@ mod stream;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -31,6 +33,14 @@ use cli::{BackupCmdArgs, Cli, Cmd, ExpireArgs, KeygenArgs, RunArgs};
 use replication::conninfo::ConnParams;
 
 fn main() -> ExitCode {
+    // glibc gives every thread that allocates its own malloc arena (up to 8 per core), and
+    // each keeps what it once held: with the runtime, the blocking pool and the HTTP thread
+    // that is most of the agent's RSS beyond its buffers. Two arenas are enough here.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     let mut log_json = false;
     match run(cli, &mut log_json) {
@@ -38,7 +48,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // Once: as a JSON log record for log pipelines, else as plain text with its hints.
             if log_json {
-                tracing::error!("{e:#}");
+                // The hint as a field of its own, for log pipelines.
+                let text = format!("{e:#}");
+                match text.split_once("\nHINT: ") {
+                    Some((message, hint)) => tracing::error!(hint = %hint, "{message}"),
+                    None => tracing::error!("{text}"),
+                }
             } else {
                 eprintln!("walvault-agent: {e:#}");
             }
@@ -51,11 +66,24 @@ fn run(cli: Cli, log_json: &mut bool) -> Result<ExitCode> {
     if let Cmd::Keygen(k) = &cli.cmd {
         return keygen(k);
     }
+    if let Cmd::GenerateDocs { dir } = &cli.cmd {
+        use clap::CommandFactory;
+        walvault_shared::cligen::generate_docs(Cli::command(), dir)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Cmd::Copy(_) = &cli.cmd {
+        let Cmd::Copy(a) = cli.cmd else { unreachable!() };
+        *log_json = a.log_format.as_deref() == Some("json");
+        init_logging(*log_json);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+        rt.block_on(copy_archive(*a))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let common = match &cli.cmd {
         Cmd::Run(a) => &a.archive,
         Cmd::Backup(a) => &a.archive,
         Cmd::Expire(a) => &a.archive,
-        Cmd::Keygen(_) => unreachable!("handled above"),
+        Cmd::Keygen(_) | Cmd::Copy(_) | Cmd::GenerateDocs { .. } => unreachable!("handled above"),
     };
     let (file, common) = config::common(common).map_err(usage)?;
     *log_json = common.log_json;
@@ -71,10 +99,58 @@ fn run(cli: Cli, log_json: &mut bool) -> Result<ExitCode> {
             Cmd::Run(a) => run_agent(*a, file, common).await,
             Cmd::Backup(a) => backup_once(a, file, common).await,
             Cmd::Expire(a) => expire_once(a, file, common).await,
-            Cmd::Keygen(_) => unreachable!("handled above"),
+            Cmd::Keygen(_) | Cmd::Copy(_) | Cmd::GenerateDocs { .. } => unreachable!("handled above"),
         }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `copy`: the source must exist; the copy is created (local) or must be a bucket (S3).
+async fn copy_archive(a: cli::CopyArgs) -> Result<()> {
+    let creds = |prefix: &str| {
+        let id = std::env::var(format!("WALVAULT_{prefix}_AWS_ACCESS_KEY_ID")).ok()?;
+        let secret = std::env::var(format!("WALVAULT_{prefix}_AWS_SECRET_ACCESS_KEY")).ok()?;
+        Some(walvault_shared::storage::s3::StaticCredentials { access_key_id: id, secret_access_key: secret })
+    };
+    let from_opts = walvault_shared::storage::s3::S3Options {
+        endpoint: a.from_s3_endpoint.clone(),
+        region: a.from_s3_region.clone(),
+        force_path_style: a.from_s3_force_path_style,
+        credentials: creds("FROM"),
+        ..Default::default()
+    };
+    let to_opts = walvault_shared::storage::s3::S3Options {
+        endpoint: a.to_s3_endpoint.clone(),
+        region: a.to_s3_region.clone(),
+        force_path_style: a.to_s3_force_path_style,
+        credentials: creds("TO"),
+        ..Default::default()
+    };
+    let verify = walvault_shared::archive::sign::VerifyKeys::from_args(&a.verify_keys).map_err(usage)?;
+    let listener = a.listen.as_deref().map(http::bind).transpose().map_err(usage)?;
+    let from = walvault_shared::storage::open_existing(&a.from, &from_opts).await?;
+    let to = walvault_shared::storage::open(&a.to, &to_opts).await?;
+    let metrics = Arc::new(copy::CopyMetrics::new());
+    let http = listener.map(|l| http::Server::start(l, metrics.clone())).transpose()?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        on_signal.cancel();
+    });
+    tracing::info!(from = %from.url(), to = %to.url(), "copying");
+    let policy =
+        retention::RetentionPolicy { retain_full: a.retention.retain_full, retain_days: a.retention.retain_days };
+    let copier = copy::Copier { from, to, verify, metrics };
+    let r = copy::run(copier, a.interval, a.once, policy, cancel).await;
+    if let Some(h) = http {
+        h.stop();
+    }
+    r
 }
 
 fn init_logging(json: bool) {
@@ -86,7 +162,9 @@ fn init_logging(json: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     if json {
-        b.json().init();
+        // timestamp, level, message and the event's fields (lsn, timeline, key, backup, …) at
+        // the top level, as log pipelines expect.
+        b.json().flatten_event(true).with_current_span(false).with_span_list(false).init();
     } else {
         b.init();
     }
@@ -173,8 +251,10 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
         schedule,
         shutdown.child_token(),
     );
+    let notify = tokio::spawn(systemd_notify(metrics.clone(), shutdown.child_token()));
     let result = stream::run(params, writer, stream_cfg, metrics, shutdown.clone()).await;
     shutdown.cancel();
+    let _ = notify.await;
     backups.join().await;
     if let Some(k) = keys {
         let _ = k.await;
@@ -184,6 +264,35 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
         h.stop();
     }
     result
+}
+
+/// systemd (`Type=notify`): READY=1 once the agent streams for the first time (the archive
+/// checked, replication started), STATUS= lines, STOPPING=1 at shutdown; and, when the unit
+/// sets `WatchdogSec`, WATCHDOG=1 at half that period from this task on the agent's one
+/// runtime thread, so a wedged event loop is restarted by systemd. Outside systemd
+/// (`NOTIFY_SOCKET` unset) nothing is sent.
+async fn systemd_notify(metrics: Arc<metrics::Metrics>, stop: CancellationToken) {
+    use sd_notify::NotifyState;
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+    let mut ready = false;
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        if !ready && metrics.up.get() == 1 {
+            ready = true;
+            let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("streaming")]);
+        }
+        if watchdog.is_some() {
+            let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+        }
+    }
 }
 
 /// First SIGINT/SIGTERM: cancel (archive what was received, within the shutdown deadline);

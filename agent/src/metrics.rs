@@ -24,7 +24,6 @@
 //! | `walvault_next_backup_timestamp_seconds` | gauge | when the next scheduled backup is due |
 //! | `walvault_backups_total`, `walvault_backup_failures_total` | counter | backups taken / failed |
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -96,6 +95,42 @@ pub struct Metrics {
     pub durable_seq: Gauge,
     /// 1 in synchronous mode.
     pub synchronous: Gauge,
+    /// The newest passed restore drill in the archive: when it finished (Unix s), its RTO (ms).
+    pub last_drill_success_unix: Gauge,
+    pub last_drill_rto_ms: Gauge,
+}
+
+/// One exposed series: `walvault_<name>` (counters' names end in `_total`).
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub counter: bool,
+    pub value: f64,
+}
+
+/// Encode series in the Prometheus text format (version 0.0.4: HELP and TYPE for each series,
+/// counters' names ending in `_total`), every name prefixed `walvault_`, by the `prometheus`
+/// crate's registry and encoder.
+pub fn expose(series: Vec<Series>) -> String {
+    let registry = prometheus::Registry::new_custom(Some("walvault".into()), None).expect("a valid prefix");
+    for s in series {
+        let registered = if s.counter {
+            prometheus::Counter::new(s.name, s.help).and_then(|c| {
+                c.inc_by(s.value.max(0.0));
+                registry.register(Box::new(c))
+            })
+        } else {
+            prometheus::Gauge::new(s.name, s.help).and_then(|g| {
+                g.set(s.value);
+                registry.register(Box::new(g))
+            })
+        };
+        registered.expect("each series is registered once, with a valid name");
+    }
+    let mut out = String::new();
+    prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out).expect("encoding into a String");
+    out
 }
 
 fn now_ms() -> u64 {
@@ -168,10 +203,11 @@ impl Metrics {
         *self.last_error.lock().unwrap() = Some((chrono::Utc::now().to_rfc3339(), e));
     }
 
-    pub fn prometheus(&self) -> String {
-        let mut s = String::new();
-        let mut g = |name: &str, help: &str, kind: &str, v: f64| {
-            let _ = writeln!(s, "# HELP walvault_{name} {help}\n# TYPE walvault_{name} {kind}\nwalvault_{name} {v}");
+    /// Every series with its help text and type: what [`Metrics::prometheus`] exposes.
+    pub fn series(&self) -> Vec<Series> {
+        let mut out = Vec::new();
+        let mut g = |name: &'static str, help: &'static str, kind: &'static str, v: f64| {
+            out.push(Series { name, help, counter: kind == "counter", value: v });
         };
         g(
             "received_lsn",
@@ -238,9 +274,26 @@ impl Metrics {
             "gauge",
             if self.synchronous.get() == 1 { self.lag_seconds() } else { 0.0 },
         );
+        g(
+            "last_drill_success_timestamp_seconds",
+            "When the newest passed restore drill recorded in the archive finished (Unix time, 0: none).",
+            "gauge",
+            self.last_drill_success_unix.get() as f64,
+        );
+        g(
+            "last_drill_rto_seconds",
+            "The recovery time that drill measured (restore + replay + checks).",
+            "gauge",
+            self.last_drill_rto_ms.get() as f64 / 1000.0,
+        );
         g("backups_total", "Base backups taken by this process.", "counter", self.backups_taken.get() as f64);
         g("backup_failures_total", "Base backups that failed.", "counter", self.backup_failures.get() as f64);
-        s
+        out
+    }
+
+    /// The Prometheus exposition (text format, by the `prometheus` crate).
+    pub fn prometheus(&self) -> String {
+        expose(self.series())
     }
 
     pub fn status_json(&self) -> serde_json::Value {

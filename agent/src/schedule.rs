@@ -4,6 +4,9 @@
 //!   and whenever the WAL archived since the last backup exceeds a volume (which bounds replay
 //!   time at restore). Retention runs after each backup. A failed backup is logged (and shown in
 //!   /status) and retried at the next check after 30 s; it never stops WAL streaming.
+//! * Drills: the newest passed restore drill recorded in the archive (by `walvault-recover
+//!   verify`, wherever it ran) is looked up with the backups, for
+//!   `walvault_last_drill_success_timestamp_seconds` and `walvault_last_drill_rto_seconds`.
 //! * Status: the newest complete backup *in the archive* (whoever took it: this agent, a
 //!   `walvault-agent backup` from cron, another host) is looked up at start and every
 //!   [`REFRESH`], so `walvault_last_backup_timestamp_seconds` is true for cron-style setups too,
@@ -137,6 +140,10 @@ async fn run(ctx: Context, schedule: Schedule) {
                 Ok(b) => {
                     last = publish(&ctx.metrics, b.as_ref());
                     refreshed = Some(std::time::Instant::now());
+                    if let Ok(Some(d)) = walvault_shared::archive::drills::newest_pass_quick(&reader).await {
+                        ctx.metrics.last_drill_success_unix.set(d.finished_at.timestamp().max(0) as u64);
+                        ctx.metrics.last_drill_rto_ms.set(d.rto_seconds.map(|r| (r * 1000.0) as u64).unwrap_or(0));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("cannot list backups: {e:#}");

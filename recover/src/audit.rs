@@ -119,6 +119,11 @@ pub struct AuditReport {
     pub objects_read: usize,
     pub chunk_records: usize,
     pub records_without_commit_data: usize,
+    /// The newest restore drill that passed (recorded by `walvault-recover verify`): when it
+    /// finished, its age in days at the audit, and the RTO it measured.
+    pub last_drill_pass_at: Option<String>,
+    pub last_drill_age_days: Option<f64>,
+    pub last_drill_rto_s: Option<f64>,
     pub pass: bool,
 }
 
@@ -189,6 +194,7 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
     let max = all.iter().map(|x| x.1).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let target = opts.rpo_target.map(|d| d.as_secs_f64());
     let target_met = target.map(|t| max.is_none_or(|m| m <= t));
+    let drill = walvault_shared::archive::drills::newest_pass_quick(reader).await.unwrap_or(None);
     Ok(AuditReport {
         archive: reader.url(),
         since: opts.since.map(|t| t.to_rfc3339()),
@@ -213,6 +219,11 @@ pub async fn audit(reader: &Reader, opts: &AuditOptions) -> Result<AuditReport> 
         objects_read,
         chunk_records: records.len(),
         records_without_commit_data: records.iter().filter(|r| r.commits.is_none()).count(),
+        last_drill_pass_at: drill.as_ref().map(|d| walvault_shared::time::text(d.finished_at)),
+        last_drill_age_days: drill
+            .as_ref()
+            .map(|d| (walvault_shared::time::now() - d.finished_at).num_seconds() as f64 / 86400.0),
+        last_drill_rto_s: drill.as_ref().and_then(|d| d.rto_seconds),
     })
 }
 
@@ -321,6 +332,18 @@ pub fn table(r: &AuditReport) -> String {
     );
     if let Some(t) = r.rpo_target_s {
         let _ = writeln!(s, "RPO target {t:.2} s: {}", if r.target_met == Some(true) { "MET" } else { "MISSED" });
+    }
+    match (&r.last_drill_pass_at, r.last_drill_age_days) {
+        (Some(at), Some(age)) => {
+            let _ = writeln!(
+                s,
+                "last passed restore drill: {at} ({age:.1} days ago){}",
+                r.last_drill_rto_s.map(|x| format!(", measured RTO {x:.1} s")).unwrap_or_default()
+            );
+        }
+        _ => {
+            let _ = writeln!(s, "last passed restore drill: none recorded (walvault-recover verify records one)");
+        }
     }
     let _ = writeln!(s, "\nper day:\n  {:<12} {:>9} {:>10} {:>10} {:>10}", "day", "commits", "max", "p99", "p50");
     for p in &r.per_day {
@@ -507,6 +530,9 @@ mod tests {
             per_day: vec![],
             per_hour: vec![],
             worst_windows: vec![],
+            last_drill_pass_at: None,
+            last_drill_age_days: None,
+            last_drill_rto_s: None,
             gaps: vec![Gap {
                 timeline: TimelineId(1),
                 from: Lsn(1),

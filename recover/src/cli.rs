@@ -103,6 +103,9 @@ pub enum Cmd {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+        /// Also list the restore points (name, LSN, time, timeline) found in the WAL.
+        #[arg(long)]
+        restore_points: bool,
     },
     /// The RPO actually achieved, gaps, timelines and the recoverable window (exit 0: target met
     /// and no gaps, 1: not, 2: error).
@@ -125,6 +128,14 @@ pub enum Cmd {
         /// Where to write it (%p).
         dest: PathBuf,
     },
+    /// The disaster-recovery plan as measurements: per scenario (point-in-time restore, loss of
+    /// the host, loss of the archive's provider with --copy) the achieved RPO, the last
+    /// measured RTO and drill age, against --rpo-target/--rto-target (exit 0 all met, 1 not,
+    /// 2 error).
+    Report(ReportArgs),
+    /// A logical export at a point in time: restore into a scratch directory, recover to the
+    /// target, pg_dump what is selected (to --file, or into a database with --into), clean up.
+    Dump(Box<DumpArgs>),
     /// Write one backup's files as the server sent them (an incremental backup stays
     /// incremental: `INCREMENTAL.*` files, its backup_label's INCREMENTAL FROM lines) with its
     /// backup_manifest into an empty directory: for pg_combinebackup, pg_verifybackup or
@@ -135,6 +146,9 @@ pub enum Cmd {
     /// Afterwards the old identity cannot decrypt anything; the new one decrypts everything.
     /// Safe to interrupt and to run again.
     Rekey(RekeyArgs),
+    /// (packaging) write the man page and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// (internal) the background prefetcher started by wal-fetch.
     #[command(hide = true)]
     WalPrefetch {
@@ -212,6 +226,27 @@ pub struct AuditArgs {
     pub html: Option<PathBuf>,
 }
 
+/// The recovery target: exactly one.
+#[derive(Args, Debug, Clone)]
+#[group(id = "target", required = false, multiple = false)]
+pub struct TargetArgs {
+    /// Recover to this time (RFC 3339 or PostgreSQL's text, with a zone).
+    #[arg(long)]
+    pub target_time: Option<String>,
+    /// Recover to this WAL position (e.g. 0/3000060).
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Recover up to this transaction id (its commit included unless --inclusive false).
+    #[arg(long)]
+    pub target_xid: Option<u64>,
+    /// Recover to a restore point made with pg_create_restore_point().
+    #[arg(long)]
+    pub target_name: Option<String>,
+    /// Recover everything archived.
+    #[arg(long)]
+    pub latest: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     #[command(flatten)]
@@ -219,21 +254,8 @@ pub struct RestoreArgs {
     /// Data directory to restore into (must be empty unless --force).
     #[arg(long)]
     pub pgdata: PathBuf,
-    /// Recover to this time (RFC 3339 or PostgreSQL's text, with a zone).
-    #[arg(long, group = "target")]
-    pub target_time: Option<String>,
-    /// Recover to this WAL position (e.g. 0/3000060).
-    #[arg(long, group = "target")]
-    pub target_lsn: Option<String>,
-    /// Recover up to this transaction id (its commit included unless --inclusive false).
-    #[arg(long, group = "target")]
-    pub target_xid: Option<u64>,
-    /// Recover to a restore point made with pg_create_restore_point().
-    #[arg(long, group = "target")]
-    pub target_name: Option<String>,
-    /// Recover everything archived.
-    #[arg(long, group = "target")]
-    pub latest: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// What to do at the target: promote, pause or shutdown.
     #[arg(long, default_value = "promote")]
     pub target_action: String,
@@ -316,4 +338,122 @@ pub struct VerifyArgs {
     /// Report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The database superuser of the restored cluster to connect as.
+    #[arg(long, default_value = "postgres")]
+    pub pg_user: String,
+    /// Drill recovery to this time instead of the archive's end (RFC 3339 or PostgreSQL's
+    /// text, with a zone).
+    #[arg(long, conflicts_with_all = ["backup", "all_backups"])]
+    pub target_time: Option<String>,
+    /// Drill every complete backup once, each to its own end (its consistency point).
+    #[arg(long, conflicts_with = "backup")]
+    pub all_backups: bool,
+    /// Do not write the drill's record into the archive.
+    #[arg(long)]
+    pub no_record: bool,
+    /// Sign the drill's record with this key (the agent's), for archives read with
+    /// --verify-key.
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// The off-site copy (made by walvault-agent copy), read with the same keys.
+    #[arg(long)]
+    pub copy: Option<String>,
+    /// S3 endpoint of the copy, when it differs from the archive's.
+    #[arg(long)]
+    pub copy_s3_endpoint: Option<String>,
+    /// The period measured, back from now.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub period: std::time::Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rpo_target: Option<std::time::Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rto_target: Option<std::time::Duration>,
+    /// A scenario fails when its last passed drill is older than this.
+    #[arg(long, default_value = "8d", value_parser = humantime::parse_duration)]
+    pub max_drill_age: std::time::Duration,
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the report as an HTML page.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Write the dump here (a file; a directory for --format directory and for --all). Must not
+    /// exist unless --force.
+    #[arg(long, required_unless_present = "into", conflicts_with = "into")]
+    pub file: Option<PathBuf>,
+    /// Restore the dump straight into this database (a libpq connection string) with
+    /// pg_restore, once the dump has succeeded.
+    #[arg(long)]
+    pub into: Option<String>,
+    /// pg_dump's format: custom, directory, plain or tar.
+    #[arg(long, default_value = "custom")]
+    pub format: String,
+    /// The database to dump.
+    #[arg(long, default_value = "postgres")]
+    pub dbname: String,
+    /// Dump only tables matching this pattern (pg_dump -t; repeatable).
+    #[arg(long)]
+    pub table: Vec<String>,
+    /// Dump only schemas matching this pattern (pg_dump -n; repeatable).
+    #[arg(long)]
+    pub schema: Vec<String>,
+    /// Leave out tables matching this pattern (pg_dump -T; repeatable).
+    #[arg(long)]
+    pub exclude_table: Vec<String>,
+    /// Definitions only.
+    #[arg(long, conflicts_with = "data_only")]
+    pub schema_only: bool,
+    /// Data only.
+    #[arg(long)]
+    pub data_only: bool,
+    /// Parallel pg_dump jobs (--format directory only).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Every database (pg_dump of each beside pg_dumpall --globals-only) into the --file
+    /// directory.
+    #[arg(long, conflicts_with_all = ["into", "table", "schema", "exclude_table", "rename_table"])]
+    pub all: bool,
+    /// Rename a table in the recovered copy before dumping it (OLD=NEW, schema-qualified or
+    /// not; repeatable): put it back beside the live one with --into.
+    #[arg(long, value_name = "OLD=NEW")]
+    pub rename_table: Vec<String>,
+    /// With --into: drop the objects in the target before recreating them (pg_restore --clean
+    /// --if-exists).
+    #[arg(long, requires = "into")]
+    pub clean: bool,
+    /// Replace an existing --file.
+    #[arg(long)]
+    pub force: bool,
+    /// Directory of PostgreSQL's programs [default: found for the archive's major].
+    #[arg(long)]
+    pub pg_bin: Option<PathBuf>,
+    /// Run PostgreSQL as this user (required when running as root).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Scratch directory for the recovered copy (absent or empty); default
+    /// $TMPDIR/walvault-dump-<pid>. Removed afterwards, kept on failure.
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+    /// The database superuser of the restored cluster to connect as.
+    #[arg(long, default_value = "postgres")]
+    pub pg_user: String,
+    /// Give up when recovery has not reached the target after this long.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Parts downloaded in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
 }

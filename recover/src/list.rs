@@ -71,6 +71,14 @@ struct Listing {
     backups: Vec<BackupRow>,
     incomplete_backups: Vec<String>,
     timelines: Vec<TimelineRow>,
+    /// With --restore-points: every restore point found, and whether the whole archive records
+    /// them (not the parts written before walvault 0.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restore_points: Option<Vec<RestorePointRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restore_points_complete: Option<bool>,
+    /// The last restore drills recorded in the archive (newest last, at most 5).
+    drills: Vec<walvault_shared::archive::drills::DrillRecord>,
 }
 
 /// First and last commit time among `records` of `tli` inside `[from, to)`.
@@ -164,6 +172,12 @@ async fn gather(reader: &Reader) -> Result<Listing> {
             .collect(),
         incomplete_backups: incomplete,
         timelines,
+        restore_points: None,
+        restore_points_complete: None,
+        drills: {
+            let all = walvault_shared::archive::drills::list(reader).await?;
+            all[all.len().saturating_sub(5)..].to_vec()
+        },
     })
 }
 
@@ -212,6 +226,39 @@ fn text(l: &Listing) -> String {
     for i in &l.incomplete_backups {
         let _ = writeln!(s, "  {i}  INCOMPLETE (interrupted or running)");
     }
+    if let Some(points) = &l.restore_points {
+        let _ = writeln!(s, "\nrestore points:");
+        if points.is_empty() {
+            let _ = writeln!(s, "  (none)");
+        }
+        for p in points {
+            let _ = writeln!(s, "  {:?}  {}  {}  timeline {}", p.name, p.lsn, t(Some(p.time)), p.timeline);
+        }
+        if l.restore_points_complete == Some(false) {
+            let _ = writeln!(
+                s,
+                "  (part of the archive was written before restore points were recorded: not listed there)"
+            );
+        }
+    }
+    if !l.drills.is_empty() {
+        let _ = writeln!(s, "\nrestore drills (newest last):");
+        for d in &l.drills {
+            let _ = writeln!(
+                s,
+                "  {}  {}  backup {}  target {}{}",
+                walvault_shared::time::text(d.started_at),
+                if d.pass { "PASSED" } else { "FAILED" },
+                d.backup.as_deref().unwrap_or("-"),
+                d.target,
+                match (&d.failure, d.rto_seconds) {
+                    (Some(f), _) => format!("  ({})", f.lines().next().unwrap_or("")),
+                    (None, Some(r)) => format!("  RTO {r:.1} s"),
+                    _ => String::new(),
+                }
+            );
+        }
+    }
     let _ = writeln!(s, "\ntimelines:");
     for tl in &l.timelines {
         let ranges: Vec<String> = tl.wal_ranges.iter().map(|r| format!("{}..{}", r.start, r.end)).collect();
@@ -233,12 +280,32 @@ fn text(l: &Listing) -> String {
     s
 }
 
-pub async fn list(reader: &Reader, json: bool) -> Result<()> {
-    let l = gather(reader).await?;
+pub async fn list(reader: &Reader, json: bool, restore_points: bool) -> Result<()> {
+    let mut l = gather(reader).await?;
+    if restore_points {
+        let view = crate::restore::plan::ArchiveView::load(reader).await?;
+        let (points, complete) = crate::restore::restore_points(reader, &view).await?;
+        l.restore_points = Some(
+            points
+                .into_iter()
+                .map(|(timeline, p)| RestorePointRow { name: p.name, lsn: p.lsn, time: p.time, timeline })
+                .collect(),
+        );
+        l.restore_points_complete = Some(complete);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&l)?);
     } else {
         print!("{}", text(&l));
     }
     Ok(())
+}
+
+#[derive(Serialize)]
+struct RestorePointRow {
+    name: String,
+    lsn: Lsn,
+    #[serde(with = "walvault_shared::time::rfc3339")]
+    time: DateTime<Utc>,
+    timeline: TimelineId,
 }

@@ -13,10 +13,12 @@
 
 mod audit;
 mod cli;
+mod dump;
 mod list;
 mod pgdata;
 mod pgtools;
 mod rekey;
+mod report;
 mod restore;
 mod verify;
 mod walfetch;
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Cmd::WalFetch { .. } => Some(126),
         Cmd::Audit(_) => Some(2),
         Cmd::Verify(_) => Some(1),
+        Cmd::Report(_) => Some(2),
         _ => None,
     };
     match run(cli) {
@@ -66,8 +69,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::List { archive, json } => {
-                list::list(&open(&archive).await?, json).await?;
+            Cmd::List { archive, json, restore_points } => {
+                list::list(&open(&archive).await?, json, restore_points).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::Audit(a) => do_audit(a).await,
@@ -77,6 +80,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 walfetch::run(&open(&archive).await?, &archive, prefetch, &walfile, &dest).await
             }
             Cmd::Rekey(a) => rekey::run(a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::GenerateDocs { dir } => {
+                use clap::CommandFactory;
+                walvault_shared::cligen::generate_docs(Cli::command(), &dir)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Dump(a) => do_dump(*a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Report(a) => do_report(a).await,
             Cmd::ExportBackup(a) => {
                 let owner = Owner::resolve(a.owner.as_deref(), true, "export-backup")?;
                 let reader = open(&a.archive).await?;
@@ -171,7 +181,7 @@ fn check_owner_reads_archive(owner: Option<&Owner>, archive: &ArchiveArgs) -> Re
 }
 
 /// The recovery target from the flags.
-fn restore_target(a: &RestoreArgs) -> Result<Target> {
+fn restore_target(a: &cli::TargetArgs) -> Result<Target> {
     Ok(if let Some(t) = &a.target_time {
         Target::Time(plan::parse_time(t)?)
     } else if let Some(l) = &a.target_lsn {
@@ -194,7 +204,7 @@ fn restore_target(a: &RestoreArgs) -> Result<Target> {
 
 async fn do_restore(a: RestoreArgs) -> Result<()> {
     // Flags first (exit 2), then the plan, then the disk.
-    let target = restore_target(&a).map_err(usage)?;
+    let target = restore_target(&a.target).map_err(usage)?;
     let action = TargetAction::parse(&a.target_action).map_err(usage)?;
     let mapping = a
         .tablespace_mapping
@@ -267,8 +277,76 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+async fn do_report(a: cli::ReportArgs) -> Result<ExitCode> {
+    let reader = open(&a.archive).await?;
+    let copy = match &a.copy {
+        Some(url) => {
+            let args = ArchiveArgs {
+                archive: url.clone(),
+                s3_endpoint: a.copy_s3_endpoint.clone().or(a.archive.s3_endpoint.clone()),
+                ..a.archive.clone()
+            };
+            Some(open(&args).await?)
+        }
+        None => None,
+    };
+    let since = walvault_shared::time::now() - chrono::Duration::from_std(a.period).map_err(usage)?;
+    let opts = report::ReportOptions {
+        since,
+        rpo_target: a.rpo_target,
+        rto_target: a.rto_target,
+        max_drill_age: a.max_drill_age,
+    };
+    let r = report::report(&reader, copy.as_ref(), &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", report::text(&r));
+    }
+    if let Some(p) = &a.html {
+        std::fs::write(p, report::html(&r)).with_context(|| format!("write {}", p.display()))?;
+    }
+    Ok(if r.pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn do_dump(a: cli::DumpArgs) -> Result<()> {
+    let target = restore_target(&a.target).map_err(usage)?;
+    dump::check_flags(&a).map_err(usage)?;
+    let owner = Owner::resolve(a.owner.as_deref(), false, "dump")?;
+    let archive = archive_for_restore_command(&a.archive)?;
+    let reader = open(&archive).await?;
+    warn_unverified(&reader);
+    let identity = walvault_shared::archive::identity::load_existing(&reader).await?;
+    let tools = pgtools::PgTools::find(a.pg_bin.as_deref(), identity.pg_major, &dump::programs(&a))?;
+    check_owner_reads_archive(owner.as_ref(), &archive)?;
+    let plan = dump::DumpPlan {
+        args: &a,
+        target,
+        tools,
+        owner,
+        scratch: a.scratch.clone().unwrap_or_else(dump::default_scratch),
+        restore_command: restore_command(&archive, 4)?,
+    };
+    let summary = dump::run(&reader, plan).await?;
+    println!("{summary}");
+    Ok(())
+}
+
 async fn do_verify(a: VerifyArgs) -> Result<ExitCode> {
     let owner = Owner::resolve(a.owner.as_deref(), false, "verify")?;
+    let target_time = a
+        .target_time
+        .as_deref()
+        .map(|t| plan::parse_time(t).map(|t| t.with_timezone(&chrono::Utc)))
+        .transpose()
+        .map_err(usage)?;
+    let signer = a
+        .signing_key
+        .as_deref()
+        .map(walvault_shared::archive::sign::SigningKey::load)
+        .transpose()
+        .map_err(usage)?
+        .map(std::sync::Arc::new);
     let archive = archive_for_restore_command(&a.archive)?;
     let reader = open(&archive).await?;
     warn_unverified(&reader);
@@ -279,36 +357,73 @@ async fn do_verify(a: VerifyArgs) -> Result<ExitCode> {
         .workdir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("walvault-verify-{}", std::process::id())));
-    let restore = restore::RestoreOptions {
-        pgdata: workdir.join("data"),
-        target: Target::Latest,
-        action: TargetAction::Promote,
-        target_timeline: None,
-        inclusive: true,
-        force: false,
-        owner: owner.clone(),
-        backup_id: a.backup.clone(),
-        restore_command: restore_command(&archive, 4)?,
-        parallel: a.parallel,
-        tablespace_mapping: Vec::new(),
-        // A drill writes only into its scratch directory, tablespaces included.
-        tablespace_root: Some(workdir.join("tablespaces")),
-    };
-    // Every check restore makes (plan, keys, destinations) before the drill writes anything.
-    restore::check(&reader, &restore).await?;
-    let opts = verify::DrillOptions {
-        workdir,
-        tools,
-        owner,
-        check_sql: a.check_sql.clone(),
-        keep: a.keep,
-        timeout: a.timeout,
-    };
-    let report = verify::drill(&reader, restore, &opts).await?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    // Which drills: one (newest backup, or --backup, to the end or --target-time), or one per
+    // backup to its own end.
+    let drills: Vec<(Option<String>, verify::DrillTarget)> = if a.all_backups {
+        walvault_shared::archive::backup::complete(&reader, identity.wal_segment_size)
+            .await?
+            .into_iter()
+            .map(|b| (Some(b.id.clone()), verify::DrillTarget::BackupEnd(b.stop_lsn)))
+            .collect()
     } else {
-        print!("{}", verify::text(&report));
+        let t = match target_time {
+            Some(t) => verify::DrillTarget::Time(t),
+            None => verify::DrillTarget::Latest,
+        };
+        vec![(a.backup.clone(), t)]
+    };
+    let mut all_pass = true;
+    for (backup_id, target) in drills {
+        let restore = restore::RestoreOptions {
+            pgdata: workdir.join("data"),
+            target: match &target {
+                verify::DrillTarget::Latest => Target::Latest,
+                verify::DrillTarget::Time(t) => Target::Time(t.fixed_offset()),
+                verify::DrillTarget::BackupEnd(l) => Target::Lsn(*l),
+            },
+            action: TargetAction::Promote,
+            target_timeline: None,
+            inclusive: true,
+            force: false,
+            owner: owner.clone(),
+            backup_id,
+            restore_command: restore_command(&archive, 4)?,
+            parallel: a.parallel,
+            tablespace_mapping: Vec::new(),
+            // A drill writes only into its scratch directory, tablespaces included.
+            tablespace_root: Some(workdir.join("tablespaces")),
+        };
+        // Every check restore makes (plan, keys, destinations) before the drill writes anything.
+        restore::check(&reader, &restore).await?;
+        let opts = verify::DrillOptions {
+            workdir: workdir.clone(),
+            tools: tools.clone(),
+            owner: owner.clone(),
+            check_sql: a.check_sql.clone(),
+            keep: a.keep,
+            timeout: a.timeout,
+            pg_user: a.pg_user.clone(),
+            target: target.clone(),
+        };
+        let started = walvault_shared::time::now();
+        let report = verify::drill(&reader, restore, &opts).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", verify::text(&report));
+        }
+        if !a.no_record {
+            let rec = verify::record(&report, walvault_shared::archive::drills::new_id(started), started, &target);
+            let writer = walvault_shared::archive::write::Writer::new(reader.store().clone(), signer.clone());
+            match walvault_shared::archive::drills::write(&writer, &rec).await {
+                Ok(()) => eprintln!("verify: recorded as drills/{} in the archive", rec.id),
+                Err(e) => eprintln!("verify: warning: could not record the drill in the archive: {e:#}"),
+            }
+        }
+        all_pass &= report.pass;
+        if report.workdir_kept && a.all_backups {
+            break; // the next drill needs the scratch directory empty
+        }
     }
-    Ok(if report.pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if all_pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

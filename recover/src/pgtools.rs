@@ -224,6 +224,131 @@ pub fn start_and_wait(
     }
 }
 
+/// A PostgreSQL server on a restored data directory, private to one scratch directory: its
+/// socket there only (`listen_addresses=''`), `archive_mode=off`, and its own `pg_hba.conf`
+/// (`local all all trust`: reachable only through that socket, in a directory of mode 0700)
+/// so that the restored cluster's own authentication rules do not lock the tool out. Stopped
+/// (fast) when dropped. Used by drills (`verify`) and `dump`.
+pub struct ScratchServer<'a> {
+    pub tools: &'a PgTools,
+    pub owner: Option<&'a Owner>,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    pub pg_user: String,
+    running: bool,
+}
+
+impl<'a> ScratchServer<'a> {
+    /// Start PostgreSQL on `data` with its socket and log in `scratch`.
+    pub fn start(
+        tools: &'a PgTools,
+        owner: Option<&'a Owner>,
+        data: &Path,
+        scratch: &Path,
+        pg_user: &str,
+    ) -> Result<Self> {
+        let port = free_port()?;
+        let log = scratch.join("postgres.log");
+        let hba = scratch.join("scratch_hba.conf");
+        std::fs::write(
+            &hba,
+            "# walvault scratch server: its socket directory is private
+local all all trust
+",
+        )?;
+        if let Some(o) = owner {
+            std::os::unix::fs::chown(&hba, Some(o.uid), Some(o.gid))?;
+        }
+        let o = format!(
+            "-p {port} -c listen_addresses='' -c unix_socket_directories='{}' -c archive_mode=off -c hba_file='{}'",
+            scratch.display(),
+            hba.display()
+        );
+        let server = ScratchServer {
+            tools,
+            owner,
+            data: data.to_path_buf(),
+            sock: scratch.to_path_buf(),
+            port,
+            log: log.clone(),
+            pg_user: pg_user.to_string(),
+            running: true,
+        };
+        let mut c = tools.command("pg_ctl", owner);
+        c.arg("-D").arg(data).args(["-o", &o, "-l"]).arg(&log).args(["-w", "-t", "600", "start"]);
+        if let Err(e) = output_ok(c, "pg_ctl start") {
+            return Err(e.context(format!("start PostgreSQL; its log ends:\n{}", server.log_tail(15))));
+        }
+        Ok(server)
+    }
+
+    /// The last `n` lines of the server's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Connection arguments for libpq programs (`-h -p -U`).
+    pub fn conn_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.sock.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            self.pg_user.clone(),
+        ]
+    }
+
+    /// Run `sql` in `db` with psql: its unaligned output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let mut c = self.tools.command("psql", self.owner);
+        c.args(self.conn_args()).args(["-d", db, "-AtX", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+        output_ok(c, &format!("psql -c {sql:?}"))
+    }
+
+    /// Wait until recovery has ended (promoted) or, with `paused_ok`, is paused at its target.
+    /// A server that stops meanwhile (a target it could not reach) is an error with its log.
+    pub async fn wait_recovered(&self, timeout: std::time::Duration, paused_ok: bool) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let q = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END";
+            if let Ok(s) = self.psql("postgres", q) {
+                let cols: Vec<&str> = s.split('|').collect();
+                match cols.as_slice() {
+                    ["f", _] => return Ok(()),
+                    ["t", "paused"] if paused_ok => return Ok(()),
+                    _ => {}
+                }
+            }
+            if !self.data.join("postmaster.pid").exists() {
+                bail!("PostgreSQL stopped during recovery; its log ends:\n{}", self.log_tail(10));
+            }
+            if t0.elapsed() > timeout {
+                bail!("recovery did not end within {timeout:?}; see {}", self.log.display());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let mut c = self.tools.command("pg_ctl", self.owner);
+            let _ = c.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "-t", "120", "stop"]).output();
+            self.running = false;
+        }
+    }
+}
+
+impl Drop for ScratchServer<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 //! * the scratch directory (`--workdir`, default `$TMPDIR/walvault-verify-<pid>`) must be absent
 //!   or empty; nothing outside it is written, and the archive is only read;
 //! * the drill server listens on a Unix socket inside the scratch directory only
-//!   (`listen_addresses=''`), with `archive_mode=off` so that it never archives anything;
+//!   (`listen_addresses=''`), with `archive_mode=off` so that it never archives anything, and
+//!   its own `pg_hba.conf` trusting that socket ([`ScratchServer`]);
 //! * it passes when every step succeeds and replay reached the last archived segment (the
 //!   replayed LSN is at most one segment short of the archive's end: the end itself may be an
 //!   incomplete record); `--check-sql` queries must succeed, and their output is reported;
@@ -18,16 +19,25 @@
 //! The report gives the restore and replay times, the last replayed commit's timestamp, and its
 //! age when the drill ended: on a server that commits continuously, that age is the recovery
 //! point a real disaster would have had at this moment.
+//!
+//! Targets: the end of the archive (default); `--target-time` (the drill passes when recovery
+//! ended with the last replayed commit at or before that time); a backup's own end (`verify
+//! --all-backups` drills each retained backup to the LSN where it becomes consistent).
+//!
+//! Every drill leaves a record in the archive ([`walvault_shared::archive::drills`]): when,
+//! which backup and target, pass or the failure, and the RTO measured as restore + replay +
+//! checks, unless `--no-record` (or the archive refuses the write: a warning, not a failure).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use walvault_shared::archive::drills::DrillRecord;
 use walvault_shared::archive::read::Reader;
 use walvault_shared::lsn::Lsn;
 
-use crate::pgtools::{free_port, output_ok, Owner, PgTools};
+use crate::pgtools::{output_ok, Owner, PgTools, ScratchServer};
 use crate::restore::RestoreOptions;
 
 /// What the drill needs besides the archive.
@@ -39,6 +49,31 @@ pub struct DrillOptions {
     pub check_sql: Vec<String>,
     pub keep: bool,
     pub timeout: Duration,
+    /// The database user to connect as (a superuser of the restored cluster).
+    pub pg_user: String,
+    /// What the drill must reach.
+    pub target: DrillTarget,
+}
+
+/// What a drill recovers to, and how it is judged.
+#[derive(Clone, Debug)]
+pub enum DrillTarget {
+    /// The end of the archived WAL: replay must reach the archive's last segment.
+    Latest,
+    /// A time: recovery must end with the last replayed commit at or before it.
+    Time(chrono::DateTime<chrono::Utc>),
+    /// A backup's end (its consistency point): replay must reach it.
+    BackupEnd(Lsn),
+}
+
+impl std::fmt::Display for DrillTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrillTarget::Latest => write!(f, "latest"),
+            DrillTarget::Time(t) => write!(f, "time {}", t.to_rfc3339()),
+            DrillTarget::BackupEnd(l) => write!(f, "backup end {l}"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -60,6 +95,7 @@ pub struct DrillReport {
     pub restore_seconds: Option<f64>,
     pub pg_verifybackup: Option<String>,
     pub replay_seconds: Option<f64>,
+    pub checks_seconds: Option<f64>,
     /// End of the archived WAL on the timeline recovered along.
     pub archived_to: Option<Lsn>,
     pub replayed_to: Option<Lsn>,
@@ -67,39 +103,6 @@ pub struct DrillReport {
     /// Seconds between the last replayed commit and the end of the drill.
     pub last_commit_age_s: Option<f64>,
     pub checks: Vec<Check>,
-}
-
-/// A running drill server, stopped when dropped.
-struct Server<'a> {
-    tools: &'a PgTools,
-    owner: Option<&'a Owner>,
-    data: PathBuf,
-    sock: PathBuf,
-    port: u16,
-    running: bool,
-}
-
-impl Server<'_> {
-    fn psql(&self, sql: &str) -> Result<String> {
-        let mut c = self.tools.command("psql", self.owner);
-        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"]);
-        c.args(["-AtX", "-v", "ON_ERROR_STOP=1", "-c", sql]);
-        output_ok(c, &format!("psql -c {sql:?}"))
-    }
-
-    fn stop(&mut self) {
-        if self.running {
-            let mut c = self.tools.command("pg_ctl", self.owner);
-            let _ = c.arg("-D").arg(&self.data).args(["-m", "fast", "-w", "-t", "120", "stop"]).output();
-            self.running = false;
-        }
-    }
-}
-
-impl Drop for Server<'_> {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Run the drill. Errors before anything was written (a non-empty workdir) are returned;
@@ -159,40 +162,13 @@ async fn steps(
     let v = output_ok(c, "pg_verifybackup").context("pg_verifybackup")?;
     report.pg_verifybackup = Some(v.lines().last().unwrap_or("ok").to_string());
 
-    let port = free_port()?;
-    let mut server =
-        Server { tools: &opts.tools, owner, data: data.clone(), sock: opts.workdir.clone(), port, running: false };
-    let log = opts.workdir.join("postgres.log");
-    let o = format!(
-        "-p {port} -c listen_addresses='' -c unix_socket_directories='{}' -c archive_mode=off",
-        opts.workdir.display()
-    );
     let t0 = Instant::now();
-    let mut c = opts.tools.command("pg_ctl", owner);
-    c.arg("-D").arg(&data).args(["-o", &o, "-l"]).arg(&log).args(["-w", "-t", "600", "start"]);
-    server.running = true;
-    if let Err(e) = output_ok(c, "pg_ctl start") {
-        let tail: Vec<String> =
-            std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(15).map(String::from).collect();
-        let tail: Vec<String> = tail.into_iter().rev().collect();
-        return Err(e.context(format!("start PostgreSQL; its log ends:\n{}", tail.join("\n"))));
-    }
-    loop {
-        if let Ok(s) = server.psql("SELECT pg_is_in_recovery()") {
-            if s == "f" {
-                break;
-            }
-        }
-        if t0.elapsed() > opts.timeout {
-            bail!("recovery did not end within {:?}; see {}", opts.timeout, log.display());
-        }
-        if !data.join("postmaster.pid").exists() {
-            bail!("PostgreSQL stopped during recovery; see {}", log.display());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut server = ScratchServer::start(&opts.tools, owner, &data, &opts.workdir, &opts.pg_user)?;
+    let log = server.log.clone();
+    server.wait_recovered(opts.timeout, false).await?;
     report.replay_seconds = Some(t0.elapsed().as_secs_f64());
     let row = server.psql(
+        "postgres",
         "SELECT pg_last_wal_replay_lsn(), coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''), \
          coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::text, '')",
     )?;
@@ -201,19 +177,65 @@ async fn steps(
     report.replayed_to = Some(replayed);
     report.last_replayed_commit = cols.get(1).filter(|s| !s.is_empty()).map(|s| s.to_string());
     report.last_commit_age_s = cols.get(2).and_then(|s| s.parse().ok());
+    let t1 = Instant::now();
     for sql in std::iter::once("SELECT count(*) FROM pg_database").chain(opts.check_sql.iter().map(String::as_str)) {
-        let output = server.psql(sql).with_context(|| format!("check {sql:?}"))?;
+        let output = server.psql("postgres", sql).with_context(|| format!("check {sql:?}"))?;
         report.checks.push(Check { sql: sql.to_string(), output });
     }
+    report.checks_seconds = Some(t1.elapsed().as_secs_f64());
     server.stop();
-    let end = r.reachable.1;
-    if replayed.0 + seg < end.0 {
-        bail!(
-            "replay stopped at {replayed}, more than a segment before the archive's end {end}; see {}",
-            log.display()
-        );
+    match &opts.target {
+        DrillTarget::Latest => {
+            let end = r.reachable.1;
+            if replayed.0 + seg < end.0 {
+                bail!(
+                    "replay stopped at {replayed}, more than a segment before the archive's end {end}; see {}",
+                    log.display()
+                );
+            }
+        }
+        DrillTarget::BackupEnd(l) if replayed < *l => {
+            bail!("replay stopped at {replayed}, before the backup's end {l}; see {}", log.display())
+        }
+        DrillTarget::Time(t) => {
+            let last = report.last_replayed_commit.as_deref().and_then(walvault_shared::time::parse);
+            if let Some(c) = last.filter(|c| c > t) {
+                bail!("recovery replayed a commit of {c} past the target {t}; see {}", log.display());
+            }
+        }
+        _ => {}
     }
     Ok(())
+}
+
+/// The drill's record for the archive.
+pub fn record(
+    report: &DrillReport,
+    id: String,
+    started: chrono::DateTime<chrono::Utc>,
+    target: &DrillTarget,
+) -> DrillRecord {
+    let rto = match (report.restore_seconds, report.replay_seconds, report.checks_seconds) {
+        (Some(a), Some(b), Some(c)) if report.pass => Some(a + b + c),
+        _ => None,
+    };
+    DrillRecord {
+        id,
+        started_at: started,
+        finished_at: walvault_shared::time::now(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+        pass: report.pass,
+        failure: report.failure.clone(),
+        backup: report.backup.clone(),
+        target: target.to_string(),
+        recovered_to: report.replayed_to,
+        last_replayed_commit: report.last_replayed_commit.clone(),
+        restored_mib: report.restored_mib,
+        restore_seconds: report.restore_seconds,
+        replay_seconds: report.replay_seconds,
+        checks_seconds: report.checks_seconds,
+        rto_seconds: rto,
+    }
 }
 
 /// The report as text.
@@ -232,6 +254,10 @@ pub fn text(r: &DrillReport) -> String {
     let _ = writeln!(s, "  pg_verifybackup:      {}", opt(&r.pg_verifybackup));
     if let Some(t) = r.replay_seconds {
         let _ = writeln!(s, "  recovery:             {t:.1} s from start to promotion");
+    }
+    if let (Some(a), Some(b), Some(c)) = (r.restore_seconds, r.replay_seconds, r.checks_seconds) {
+        let _ =
+            writeln!(s, "  RTO measured:         {:.1} s (restore {a:.1} + replay {b:.1} + checks {c:.1})", a + b + c);
     }
     let lsn = |l: &Option<Lsn>| l.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
     let _ = writeln!(s, "  replayed to:          {} (archive ends at {})", lsn(&r.replayed_to), lsn(&r.archived_to));

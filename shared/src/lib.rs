@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod archive;
+pub mod cligen;
 pub mod exit;
 pub mod fsutil;
 pub mod lsn;

@@ -344,7 +344,10 @@ impl PgCluster {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let deadline = Instant::now() + Duration::from_secs(30);
         // SAFETY: signal 0 only checks existence.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            if Instant::now() > deadline {
+                bail!("postmaster {pid} survived SIGKILL for 30 s");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())

@@ -168,7 +168,7 @@ impl Chunker {
             chunk_opened: None,
             next_seq: first_seq,
             reader: start.is_segment_start(segment_size).then(|| WalReader::new(start, segment_size)),
-            commits: CommitStats::default(),
+            commits: CommitStats::recording_restore_points(),
         }
     }
 
@@ -185,8 +185,13 @@ impl Chunker {
             return;
         }
         for e in r.feed(bytes) {
-            if e.end > archived && matches!(e.kind, EventKind::Commit | EventKind::CommitPrepared) {
-                self.commits.add(e.time());
+            if e.end <= archived {
+                continue;
+            }
+            match &e.kind {
+                EventKind::Commit | EventKind::CommitPrepared => self.commits.add(e.time()),
+                EventKind::RestorePoint(name) => self.commits.add_restore_point(name.clone(), e.lsn, e.time()),
+                _ => {}
             }
         }
         if r.ended() {
@@ -289,7 +294,7 @@ impl Chunker {
             end: self.pos,
             frame,
             sealed_at: walvault_shared::time::now(),
-            commits: std::mem::take(&mut self.commits),
+            commits: std::mem::replace(&mut self.commits, CommitStats::recording_restore_points()),
         });
         self.chunk_opened = None;
         if self.pos.is_segment_start(self.segment_size) {

@@ -90,7 +90,7 @@ impl Default for StreamConfig {
             create_slot: true,
             chunk_interval: Duration::from_secs(1),
             chunk_max_bytes: 8 << 20,
-            queue_depth: 8,
+            queue_depth: 4,
             upload_concurrency: 4,
             upload_timeout: Duration::from_secs(60),
             status_interval: Duration::from_secs(10),

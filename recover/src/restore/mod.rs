@@ -157,6 +157,69 @@ async fn check_keys(reader: &Reader, view: &ArchiveView, plan: &Plan) -> Result<
     Ok(())
 }
 
+/// Every restore point recorded in the archive's WAL metadata: (timeline, point), in WAL
+/// order, and whether every record had them (archives written before walvault 0.2 did not
+/// record restore points).
+pub async fn restore_points(
+    reader: &Reader,
+    view: &ArchiveView,
+) -> Result<(Vec<(TimelineId, walvault_shared::archive::walcat::RestorePoint)>, bool)> {
+    let (records, _) = reader.chunk_records(&view.listing).await?;
+    let complete = records.iter().all(|r| r.commits.as_ref().is_some_and(|c| c.restore_points.is_some()));
+    let mut out: Vec<_> = records
+        .iter()
+        .flat_map(|r| {
+            let pts = r.commits.as_ref().and_then(|c| c.restore_points.clone()).unwrap_or_default();
+            pts.into_iter().map(move |p| (r.timeline, p))
+        })
+        .collect();
+    out.sort_by_key(|(t, p)| (*t, p.lsn));
+    out.dedup_by(|a, b| a.0 == b.0 && a.1.lsn == b.1.lsn);
+    Ok((out, complete))
+}
+
+/// `--target-name`: the restore point must exist on the recovery path after the backup's start
+/// (PostgreSQL stops at the first one it meets). Absent: refused before anything is written.
+/// Several: the first is named, with the others.
+async fn check_restore_point(reader: &Reader, view: &ArchiveView, plan: &Plan, name: &str) -> Result<()> {
+    let (points, complete) = restore_points(reader, view).await?;
+    let on_path = |tli: TimelineId, lsn: Lsn| {
+        plan.path.iter().any(|s| s.timeline == tli && lsn >= s.from && s.until.is_none_or(|u| lsn < u))
+            && lsn >= plan.backup.start_lsn
+    };
+    let candidates: Vec<_> = points.iter().filter(|(t, p)| on_path(*t, p.lsn)).collect();
+    let named: Vec<_> = candidates.iter().filter(|(_, p)| p.name == name).collect();
+    let describe = |(t, p): &(TimelineId, walvault_shared::archive::walcat::RestorePoint)| {
+        format!("{} at {} ({}, timeline {t})", p.name, p.lsn, walvault_shared::time::text(p.time))
+    };
+    match named.as_slice() {
+        [] if !complete => eprintln!(
+            "restore: note: restore point {name:?} cannot be checked before the restore: part of this archive was written by an agent that did not record restore points"
+        ),
+        [] => {
+            let known: Vec<String> = candidates.iter().map(|c| format!("{:?}", c.1.name)).collect();
+            bail!(
+                "no restore point {name:?} in the archived WAL after backup {} (start {}) on the recovery path\nHINT: {}",
+                plan.backup.id,
+                plan.backup.start_lsn,
+                if known.is_empty() {
+                    "there is none; `walvault-recover list --restore-points` lists them".to_string()
+                } else {
+                    format!("restore points there: {} (`walvault-recover list --restore-points`)", known.join(", "))
+                }
+            );
+        }
+        [one] => eprintln!("restore: recovering to restore point {}", describe(one)),
+        [first, rest @ ..] => eprintln!(
+            "restore: restore point {name:?} exists {} times after the backup; PostgreSQL stops at the first: {} (the others: {})",
+            rest.len() + 1,
+            describe(first),
+            rest.iter().map(|r| describe(r)).collect::<Vec<_>>().join("; ")
+        ),
+    }
+    Ok(())
+}
+
 /// Every member of an incremental chain is there: its parts and manifest listed with the sizes
 /// its description records; each incremental member read in full, its `INCREMENTAL.*` headers
 /// checked. Nothing is written.
@@ -228,6 +291,9 @@ pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
     let view = ArchiveView::load(reader).await?;
     let plan = plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?;
     let mut last_commit = None;
+    if let Target::Name(name) = &opts.target {
+        check_restore_point(reader, &view, &plan, name).await?;
+    }
     if let Target::Time(t) = &opts.target {
         let t = t.with_timezone(&Utc);
         let sealed = sealed_time_at(reader, &view, plan.reachable.0, plan.reachable.1).await;
@@ -350,24 +416,41 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
     })
 }
 
-/// Restore progress, printed every 2 s.
+/// Restore progress: a bar (bytes, rate, ETA) on a terminal, else a line every 2 s.
 struct Progress {
     total: u64,
     done: u64,
     t0: Instant,
     last: Instant,
     quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
     fn new(total: u64) -> Self {
-        Progress { total, done: 0, t0: Instant::now(), last: Instant::now(), quiet: false }
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "restore [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        Progress { total, done: 0, t0: Instant::now(), last: Instant::now(), quiet: false, bar }
     }
     fn quiet() -> Self {
-        Progress { quiet: true, ..Progress::new(0) }
+        Progress { total: 0, done: 0, t0: Instant::now(), last: Instant::now(), quiet: true, bar: None }
     }
     fn add(&mut self, n: u64) {
         self.done += n;
+        if let Some(b) = &self.bar {
+            b.inc(n);
+            return;
+        }
         if !self.quiet && self.last.elapsed().as_secs() >= 2 {
             eprintln!(
                 "restore: {:.0}% ({} of {} MiB, {:.0} MiB/s)",
@@ -377,6 +460,14 @@ impl Progress {
                 (self.done as f64 / (1 << 20) as f64) / self.t0.elapsed().as_secs_f64()
             );
             self.last = Instant::now();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 }

@@ -399,6 +399,16 @@ pub fn check_payload(key: &str, header: &Header, payload: &[u8]) -> Result<(), E
     Ok(())
 }
 
+/// Check a whole stored object without decoding its content (which may be encrypted): the
+/// header and metadata (their checksum; with `verify`, the signature), the payload's length,
+/// checksum and signed hash. What an object copier checks before it writes a copy.
+pub fn check_stored(key: &str, bytes: &[u8], verify: Option<&VerifyKeys>) -> Result<Header, EnvelopeError> {
+    let (header, _) = decode_header(key, bytes, verify)?;
+    let at = header.payload_offset();
+    check_payload(key, &header, bytes.get(at..).unwrap_or_default())?;
+    Ok(header)
+}
+
 /// A fully read and checked object.
 #[derive(Debug)]
 pub struct Decoded {

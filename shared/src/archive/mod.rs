@@ -10,12 +10,14 @@
 //!   another cluster's archive.
 //! * [`walcat`]: what WAL an archive holds (a catalogue of one listing) and WAL object metadata.
 //! * [`backup`]: base backup descriptions and listing.
+//! * [`drills`]: the records restore drills leave in the archive.
 //! * [`index`]: the commit index the RPO audit reads first.
 //! * [`read`]: [`read::Reader`], bounded and verified reads, WAL ranges, chunk records.
 //! * [`write`]: [`write::Writer`], sealed write-once puts with the split-brain check.
 
 pub mod backup;
 pub mod crypt;
+pub mod drills;
 pub mod envelope;
 pub mod identity;
 pub mod index;

@@ -14,10 +14,12 @@
 //! | commit index batch | `index/batch/<day>/<HHMMSS>-<first LSN>` | `index/batch/2026-11-26/141503-0000000003000000` |
 //! | commit index of a day | `index/day/<day>` | `index/day/2026-11-26` |
 //! | epoch key (encryption) | `keys/<epoch id>` | `keys/0f1e2d3c4b5a69788796a5b4c3d2e1f0` |
+//! | restore drill record | `drills/<drill id>` | `drills/20261130T020000Z-3f9a2c1b` |
 //!
 //! `TTTTTTTT` is the timeline in 8 upper-case hex digits; `<start>`/`<end>` are LSNs as 16
 //! upper-case hex digits, `end` exclusive, so chunks sort by position and a chunk's range is in
-//! its name. A backup id is the backup's start time, `YYYYMMDDTHHMMSSZ` (UTC). An epoch id is
+//! its name. A backup id is the backup's start time, `YYYYMMDDTHHMMSSZ` (UTC); a drill id is the
+//! drill's start time the same way, `-`, and 8 random lower-case hex digits. An epoch id is
 //! 32 lower-case hex digits (16 random bytes). Every object is stored in the envelope of
 //! [`super::envelope`]; a name says nothing about compression or encryption. Which objects are
 //! encrypted when the archive is: [`is_confidential`].
@@ -30,6 +32,12 @@ pub const WAL_PREFIX: &str = "wal/";
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const INDEX_PREFIX: &str = "index/";
 pub const KEYS_PREFIX: &str = "keys/";
+pub const DRILLS_PREFIX: &str = "drills/";
+
+/// A restore drill's record.
+pub fn drill(id: &str) -> String {
+    format!("{DRILLS_PREFIX}{id}")
+}
 
 /// An epoch key object (its id as 32 hex digits).
 pub fn epoch_key(id_hex: &str) -> String {
@@ -120,6 +128,7 @@ pub enum ArchiveKey {
     IndexBatch { day: String },
     IndexDay { day: String },
     EpochKey { id: String },
+    Drill { id: String },
 }
 
 /// Parse a key back into what it names; `None` for a key that is not in the catalogue.
@@ -158,6 +167,13 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
     if let Some(rest) = key.strip_prefix(KEYS_PREFIX) {
         let ok = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         return ok.then(|| ArchiveKey::EpochKey { id: rest.to_string() });
+    }
+    if let Some(rest) = key.strip_prefix(DRILLS_PREFIX) {
+        let (t, nonce) = rest.split_once('-')?;
+        let ok = is_backup_id(t)
+            && nonce.len() == 8
+            && nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        return ok.then(|| ArchiveKey::Drill { id: rest.to_string() });
     }
     if let Some(rest) = key.strip_prefix("index/day/") {
         return is_day(rest).then(|| ArchiveKey::IndexDay { day: rest.to_string() });

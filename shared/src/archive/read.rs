@@ -344,11 +344,15 @@ impl Reader {
 /// Commit statistics of the commits whose records end in `(from, to]`, from WAL `bytes` that
 /// start at the segment start `seg_start`.
 pub fn commit_stats(bytes: &[u8], seg_start: Lsn, segment_size: u64, from: Lsn, to: Lsn) -> CommitStats {
-    let mut stats = CommitStats::default();
+    let mut stats = CommitStats::recording_restore_points();
     let mut reader = crate::walreader::WalReader::new(seg_start, segment_size);
     for e in reader.feed(bytes) {
-        if e.end > from && e.end <= to && e.is_commit() {
-            stats.add(e.time());
+        if e.end > from && e.end <= to {
+            match &e.kind {
+                _ if e.is_commit() => stats.add(e.time()),
+                crate::walreader::EventKind::RestorePoint(n) => stats.add_restore_point(n.clone(), e.lsn, e.time()),
+                _ => {}
+            }
         }
     }
     stats

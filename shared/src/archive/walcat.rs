@@ -46,6 +46,19 @@ pub struct CommitStats {
     pub first: Option<DateTime<Utc>>,
     #[serde(default, with = "crate::time::rfc3339_opt", skip_serializing_if = "Option::is_none")]
     pub last: Option<DateTime<Utc>>,
+    /// Restore points (`pg_create_restore_point`) whose record ends in the range, in WAL order.
+    /// `None` in metadata written before walvault 0.2, which did not record them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_points: Option<Vec<RestorePoint>>,
+}
+
+/// A named restore point: its record's LSN and the time it was made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePoint {
+    pub name: String,
+    pub lsn: Lsn,
+    #[serde(with = "crate::time::rfc3339")]
+    pub time: DateTime<Utc>,
 }
 
 impl CommitStats {
@@ -56,6 +69,16 @@ impl CommitStats {
             self.first = Some(t);
         }
         self.last = Some(t);
+    }
+
+    /// Stats of a range whose restore points are recorded (none yet).
+    pub fn recording_restore_points() -> Self {
+        CommitStats { restore_points: Some(Vec::new()), ..Default::default() }
+    }
+
+    /// Record a restore point (in WAL order).
+    pub fn add_restore_point(&mut self, name: String, lsn: Lsn, time: DateTime<Utc>) {
+        self.restore_points.get_or_insert_with(Vec::new).push(RestorePoint { name, lsn, time });
     }
 }
 

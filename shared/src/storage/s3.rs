@@ -62,6 +62,9 @@ pub struct S3Options {
     pub sse: Option<String>,
     /// The KMS key for `aws:kms` (else the bucket's default).
     pub sse_kms_key_id: Option<String>,
+    /// The storage class of base backup objects (`backups/…`); WAL and metadata stay in the
+    /// bucket's default class (they are read at every restore and often listed).
+    pub backup_storage_class: Option<String>,
 }
 
 /// An access key pair given explicitly. `Debug` hides the secret.
@@ -94,7 +97,24 @@ impl Default for S3Options {
             credentials: None,
             sse: None,
             sse_kms_key_id: None,
+            backup_storage_class: None,
         }
+    }
+}
+
+/// Parse `--backup-storage-class`: the S3 classes an object can be read from at once.
+/// Archive classes (GLACIER, DEEP_ARCHIVE) are refused: their objects need a restore request
+/// before a read, and a restore that waits hours for that is not a restore.
+pub fn parse_storage_class(s: &str) -> anyhow::Result<String> {
+    let up = s.to_ascii_uppercase();
+    match up.as_str() {
+        "STANDARD" | "STANDARD_IA" | "ONEZONE_IA" | "INTELLIGENT_TIERING" | "GLACIER_IR" => Ok(up),
+        "GLACIER" | "DEEP_ARCHIVE" | "GLACIER_FLEXIBLE_RETRIEVAL" => anyhow::bail!(
+            "storage class {up} needs a restore request before every read\nHINT: use STANDARD_IA, INTELLIGENT_TIERING or GLACIER_IR (instant retrieval); move older backups to archive classes with a bucket lifecycle rule if you must"
+        ),
+        _ => anyhow::bail!(
+            "unknown storage class {s:?}\nHINT: STANDARD, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR"
+        ),
     }
 }
 
@@ -188,10 +208,20 @@ impl S3Store {
         }
     }
 
+    /// The storage class to ask for `key`: the backup class for base backup parts and
+    /// manifests (not their descriptions, which every listing reads).
+    fn storage_class_for(&self, key: &str) -> Option<&str> {
+        let backup_data = key.starts_with("backups/") && !key.ends_with("backup.json") && !key.ends_with("backup.lock");
+        self.opts.backup_storage_class.as_deref().filter(|_| backup_data)
+    }
+
     async fn put_single(&self, key: &str, full: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
         let mut req = self.client.put_object().bucket(&self.bucket).key(full).body(AwsBody::from(data));
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
+        }
+        if let Some(class) = self.storage_class_for(key) {
+            req = req.storage_class(class.into());
         }
         if let Some(sse) = &self.opts.sse {
             req = req.server_side_encryption(sse.as_str().into());
@@ -219,6 +249,9 @@ impl S3Store {
             }
         }
         let mut create = self.client.create_multipart_upload().bucket(&self.bucket).key(full);
+        if let Some(class) = self.storage_class_for(key) {
+            create = create.storage_class(class.into());
+        }
         if let Some(sse) = &self.opts.sse {
             create = create.server_side_encryption(sse.as_str().into());
             if let Some(k) = &self.opts.sse_kms_key_id {

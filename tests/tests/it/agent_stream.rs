@@ -1,6 +1,7 @@
 //! walvault-agent against real PostgreSQL (each major of the matrix) and a real S3 server:
-//! byte-identical segments under load, archive latency, crash and restart of either side, promotion, archive outage, split
-//! brain, and the errors a user meets first.
+//! byte-identical segments under load, archive latency, crash and restart of either side,
+//! promotion, archive outage, split brain, memory under a bulk load, and the errors a user meets
+//! first.
 //!
 //! Oracles: the server's own `pg_wal` files (byte for byte) and its reported LSNs.
 
@@ -269,12 +270,15 @@ async fn promotion_follows_the_new_primary_and_timeline() {
     let lsn = flush_lsn(&primary).await;
     agent.wait_archived(lsn, Duration::from_secs(60)).await.unwrap();
     // Wait for the standby to replay, then fail over.
+    let mut replayed = false;
     for _ in 0..600 {
         if standby.query_one_text("SELECT count(*) FROM t").await.unwrap() == "5000" {
+            replayed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(replayed, "the standby replayed the primary's rows within 30 s");
     primary.stop("fast").unwrap();
     standby.promote().unwrap();
     standby.execute("INSERT INTO t VALUES (-1)").await.unwrap();
@@ -484,4 +488,37 @@ async fn tls_sslmodes() {
     let mut agent = archive.agent(&url("verify-full", &certs.join("other.crt")), &[]);
     assert_eq!(agent.wait_exit(Duration::from_secs(30)).unwrap(), 1);
     assert!(agent.log_text().contains("TLS handshake"), "{}", agent.log_text());
+}
+
+/// Peak resident memory (VmHWM, KiB) of a process, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The documented memory bound (docs/operations.md, "Memory"), for this debug build with small
+/// chunks: a bulk load (about 500 MiB of WAL as fast as PostgreSQL writes it) streamed with
+/// 1 MiB chunks and 2 uploads in flight keeps the agent's peak RSS under 48 MiB. The bound
+/// is a bound, not a timing: it holds whatever the speed, because the agent stops reading when
+/// its queue is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_load_streams_within_the_memory_bound() {
+    let pg = PgCluster::start_new("memory", opts()).unwrap();
+    let archive = Archive::local();
+    let mut agent = archive.agent(&pg.url(), &["--chunk-max-bytes", "1MiB", "--upload-concurrency", "2"]);
+    wait_streaming(&mut agent).await;
+    let start = flush_lsn(&pg).await;
+    pg.run_program("pgbench", &["-i", "-s", "30", "-q", "postgres"]).unwrap();
+    let end = flush_lsn(&pg).await;
+    assert!(end.0 - start.0 > 300 << 20, "a real bulk load: {} MiB of WAL", (end.0 - start.0) >> 20);
+    agent.wait_archived(end, Duration::from_secs(300)).await.unwrap();
+    let kib = peak_rss_kib(agent.pid().unwrap());
+    eprintln!("peak RSS {} MiB for {} MiB of WAL", kib >> 10, (end.0 - start.0) >> 20);
+    assert!(kib < 48 << 10, "peak RSS {} MiB is over the 48 MiB bound", kib >> 10);
+    assert_eq!(agent.stop().unwrap(), 0);
 }

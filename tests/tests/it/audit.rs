@@ -181,6 +181,7 @@ async fn thirty_days_of_synthetic_history_audit_in_seconds() {
                     count: 40,
                     first: Some(t(first)),
                     last: Some(t(first + chrono::Duration::milliseconds(500))),
+                    restore_points: None,
                 }),
             });
             lsn += 8192;

@@ -12,8 +12,13 @@ use walvault_shared::lsn::Lsn;
 use walvault_tests::agent::{workspace_binary, Agent};
 use walvault_tests::pg::{PgCluster, PgOptions};
 
+/// `track_commit_timestamp`: time targets are taken from PostgreSQL's own commit times
+/// (`pg_xact_commit_timestamp`), exact to the microsecond.
 fn opts() -> PgOptions {
-    PgOptions { settings: vec!["wal_keep_size = '1GB'".into()], ..Default::default() }
+    PgOptions {
+        settings: vec!["wal_keep_size = '1GB'".into(), "track_commit_timestamp = on".into()],
+        ..Default::default()
+    }
 }
 
 fn local_archive() -> (tempfile::TempDir, String) {
@@ -113,13 +118,15 @@ async fn backup_then_point_in_time_restores() {
     assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
     let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
     let backup_stop: Lsn = desc["stop_lsn"].as_str().unwrap().parse().unwrap();
-    assert!(backup_stop > Lsn(0x100), "a target LSN of 0/100 below is before the backup's end");
+    let before_backup_end = Lsn(backup_stop.0 - 1).to_string();
 
     // One row per transaction, each with its own commit-time clock, across segment switches.
     let c = pg.connect().await.unwrap();
     let mut times = Vec::new();
     for id in 6..=40 {
-        let row = c.query_one("INSERT INTO t (id) VALUES ($1) RETURNING at::text", &[&id]).await.unwrap();
+        c.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+        let row =
+            c.query_one("SELECT pg_xact_commit_timestamp(xmin)::text FROM t WHERE id = $1", &[&id]).await.unwrap();
         times.push((id, row.get::<_, String>(0)));
         if id % 12 == 0 {
             pg.switch_wal().await.unwrap();
@@ -162,13 +169,13 @@ async fn backup_then_point_in_time_restores() {
     let (r, out) = restore_and_start_with_output(&archive, &["--target-time", &target.to_rfc3339()]).await;
     assert_eq!(ids(&r).await, (1..=20).collect::<Vec<_>>(), "exactly the rows committed by the target time");
     // Restore names the last commit at or before the target, found in the archived WAL: row
-    // 20's commit, just after its clock_timestamp() and before the target.
+    // 20's commit, to the microsecond PostgreSQL recorded for it.
     let line = out
         .lines()
         .find(|l| l.starts_with("the last commit at or before the target: "))
         .unwrap_or_else(|| panic!("{out}"));
     let t = chrono::DateTime::parse_from_rfc3339(line.split(": ").nth(1).unwrap().split(' ').next().unwrap()).unwrap();
-    assert!(t >= t20 && t <= target, "last commit {t} should be row 20's ({t20} .. {target})");
+    assert_eq!(t, t20, "the last commit before the target is row 20's");
     drop(r);
 
     // --start: restore starts the server itself, waits for the target and reports the last
@@ -233,7 +240,7 @@ async fn backup_then_point_in_time_restores() {
             "--pgdata",
             never.to_str().unwrap(),
             "--target-lsn",
-            "0/100",
+            &before_backup_end,
             "--owner",
             &owner,
         ],
@@ -547,7 +554,16 @@ async fn scheduled_and_wal_volume_backups_fire() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(taken >= 3, "initial + 2 interval backups within 30 s:\n{}", agent.log_text());
-    assert_eq!(count().await, 2, "retention after each backup keeps 2");
+    // Retention runs after the backup is counted: wait for it rather than race it.
+    let mut kept = count().await;
+    for _ in 0..100 {
+        if kept == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kept = count().await;
+    }
+    assert_eq!(kept, 2, "retention after each backup keeps 2");
     let (_, metrics) = agent.http_get("/metrics").await.unwrap();
     assert!(metrics.contains("walvault_last_backup_timestamp_seconds"), "{metrics}");
     assert_eq!(agent.stop().unwrap(), 0);
@@ -595,8 +611,12 @@ async fn point_in_time_across_a_promotion() {
         async move {
             let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);
-            let at: String =
-                c.query_one("INSERT INTO t (id) VALUES ($1) RETURNING at::text", &[&id]).await.unwrap().get(0);
+            c.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+            let at: String = c
+                .query_one("SELECT pg_xact_commit_timestamp(xmin)::text FROM t WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
             chrono::DateTime::parse_from_str(&at, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap()
         }
     };
@@ -606,12 +626,15 @@ async fn point_in_time_across_a_promotion() {
     }
     let lsn = flush_lsn(&primary).await;
     agent.wait_archived(lsn, Duration::from_secs(60)).await.unwrap();
+    let mut replayed = false;
     for _ in 0..600 {
         if standby.query_one_text("SELECT count(*) FROM t").await.unwrap() == "13" {
+            replayed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(replayed, "the standby replayed the primary's rows within 30 s");
     primary.stop("fast").unwrap();
     standby.promote().unwrap();
     for id in 11..=20 {
@@ -640,4 +663,81 @@ async fn point_in_time_across_a_promotion() {
     let r = restore_and_start(&archive, &["--latest"]).await;
     assert_eq!(ids(&r).await, (-2..=20).collect::<Vec<_>>());
     assert_eq!(agent.stop().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_points_are_listed_checked_and_the_first_of_two_is_picked() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("rp", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())").await.unwrap();
+    let (code, _, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "{err}");
+    for id in 1..=3 {
+        pg.execute(&format!("INSERT INTO t (id) VALUES ({id})")).await.unwrap();
+    }
+    pg.execute("SELECT pg_create_restore_point('before-migration')").await.unwrap();
+    pg.execute("INSERT INTO t (id) VALUES (4)").await.unwrap();
+    pg.execute("SELECT pg_create_restore_point('twice')").await.unwrap();
+    pg.execute("INSERT INTO t (id) VALUES (5)").await.unwrap();
+    pg.execute("SELECT pg_create_restore_point('twice')").await.unwrap();
+    pg.execute("INSERT INTO t (id) VALUES (6)").await.unwrap();
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    // Listed, in WAL order, with LSN and time.
+    let (code, out, err) = run("walvault-recover", &["list", "--archive", &archive, "--restore-points", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> =
+        l["restore_points"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["before-migration", "twice", "twice"], "{l}");
+    assert_eq!(l["restore_points_complete"], true);
+    let (_, text, _) = run("walvault-recover", &["list", "--archive", &archive, "--restore-points"]);
+    assert!(text.contains("\"before-migration\"") && text.contains("timeline 1"), "{text}");
+    // A name that is not there: refused before anything is written.
+    let dir = PgCluster::fresh_dir("rp-none").unwrap().join("data");
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            dir.to_str().unwrap(),
+            "--owner",
+            &PgCluster::pg_user_name(),
+            "--target-name",
+            "nope",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no restore point \"nope\"") && err.contains("before-migration"), "{err}");
+    assert!(!dir.exists());
+    // One: exactly the rows before it.
+    let (r, _) = restore_and_start_with_output(&archive, &["--target-name", "before-migration"]).await;
+    assert_eq!(ids(&r).await, vec![1, 2, 3]);
+    drop(r);
+    // Twice: the first after the backup is where PostgreSQL stops, and restore says so.
+    let dir = PgCluster::fresh_dir("rp-twice").unwrap();
+    let data = dir.join("data");
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--owner",
+            &PgCluster::pg_user_name(),
+            "--target-name",
+            "twice",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exists 2 times") && err.contains("stops at the first"), "{err}");
+    let r = walvault_tests::cli::start_recovered(dir, data).await.unwrap();
+    assert_eq!(ids(&r).await, vec![1, 2, 3, 4]);
 }

@@ -28,9 +28,24 @@ async fn cluster_writes_and_switches_wal() {
         .await
         .unwrap();
     assert_eq!(pg.query_one_text("SELECT count(*) FROM t").await.unwrap(), "10000");
-    // The server runs as the unprivileged user, never as root.
-    let user = pg.query_one_text("SELECT current_setting('data_directory')").await.unwrap();
-    assert_eq!(std::path::PathBuf::from(user), pg.data);
+    // The server runs as the unprivileged user, never as root: the postmaster's real and
+    // effective uid, from /proc.
+    let data_dir = pg.query_one_text("SELECT current_setting('data_directory')").await.unwrap();
+    assert_eq!(std::path::PathBuf::from(data_dir), pg.data);
+    let pid = pg.postmaster_pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|u| *u != 0), "postmaster {pid} runs with uids {uids:?}");
+    if let Some(u) = walvault_tests::pg::pg_user().unwrap() {
+        assert_eq!(uids[0], u.uid, "the postmaster runs as the test's PostgreSQL user");
+    }
     let seg_size = pg.wal_segment_size().await.unwrap();
     assert_eq!(seg_size, 16 << 20);
     let insert_lsn: Lsn = pg.query_one_text("SELECT pg_current_wal_insert_lsn()").await.unwrap().parse().unwrap();

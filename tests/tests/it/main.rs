@@ -4,9 +4,12 @@
 mod agent_stream;
 mod audit;
 mod backup_restore;
+mod copy;
+mod dump;
 mod encryption;
 mod harness;
 mod incremental;
+mod observability;
 mod operator;
 mod security;
 mod storage_conformance;

@@ -130,6 +130,12 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     assert!(err.contains("cannot read the archive") && err.contains("not readable by this user"), "{err}");
     assert!(!w3.exists(), "nothing written");
 
+    // --all-backups: each backup to its own end.
+    let w4 = scratch.join("w4");
+    let (code, out, err) = verify(&archive, &w4, &["--all-backups"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("PASSED"), "{out}");
+
     // One flipped byte in the middle of the largest backup object: the drill fails at restore.
     let part = files(&dir.path().join("repo/backups")).into_iter().max_by_key(|p| p.metadata().unwrap().len()).unwrap();
     let mut bytes = std::fs::read(&part).unwrap();
@@ -141,6 +147,62 @@ async fn drill_passes_then_fails_on_a_corrupt_part() {
     assert_eq!(code, 1, "a corrupt part must fail the drill:\n{out}\n{err}");
     assert!(out.contains("FAILED") && out.contains("failed at: restore"), "{out}");
     assert!(out.contains("(kept)") && w2.exists(), "{out}");
+
+    // Every drill left its record in the archive: list shows them (passes, then the failure
+    // with its step), the audit gives the last pass's age and RTO, the agent exports them.
+    let o = Command::new(workspace_binary("walvault-recover").unwrap())
+        .args(["list", "--archive", &archive, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let drills = l["drills"].as_array().unwrap();
+    let results: Vec<bool> = drills.iter().map(|d| d["pass"].as_bool().unwrap()).collect();
+    assert_eq!(results.last(), Some(&false), "{l}");
+    assert!(results.iter().filter(|p| **p).count() >= 2, "{l}");
+    let failed = drills.last().unwrap();
+    assert!(failed["failure"].as_str().unwrap().contains("restore"), "{failed}");
+    assert!(drills[0]["rto_seconds"].as_f64().unwrap() > 0.0, "{l}");
+    let out = Command::new(workspace_binary("walvault-recover").unwrap())
+        .args(["audit", "--archive", &archive, "--json"])
+        .output()
+        .unwrap();
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(a["last_drill_rto_s"].as_f64().unwrap() > 0.0 && a["last_drill_age_days"].as_f64().unwrap() < 1.0, "{a}");
+    let mut exported = 0.0;
+    for _ in 0..150 {
+        let (_, m) = agent.http_get("/metrics").await.unwrap();
+        exported = m
+            .lines()
+            .find(|l| l.starts_with("walvault_last_drill_success_timestamp_seconds "))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if exported > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!((chrono::Utc::now().timestamp() as f64 - exported).abs() < 600.0, "metric {exported}");
+
+    // The DR report from those measurements: the point-in-time scenario passes with a generous
+    // RTO target and fails with an impossible one; without a copy the off-site scenario fails.
+    let report = |extra: &[&str]| {
+        let o = Command::new(workspace_binary("walvault-recover").unwrap())
+            .args(["report", "--archive", &archive, "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.code().unwrap_or(-1), serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default())
+    };
+    let (code, r) = report(&["--rpo-target", "1h", "--rto-target", "1h"]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["rows"][0]["pass"], true, "{r}");
+    assert_eq!(r["rows"][0]["rto_met"], true, "{r}");
+    assert_eq!(r["rows"][2]["pass"], false, "{r}");
+    assert!(r["rows"][2]["notes"][0].as_str().unwrap().contains("no copy"), "{r}");
+    let (code, r) = report(&["--rto-target", "1ms"]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["rows"][0]["rto_met"], false, "{r}");
     agent.stop().unwrap();
     let _ = std::fs::remove_dir_all(&scratch);
 }

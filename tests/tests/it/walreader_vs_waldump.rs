@@ -138,6 +138,7 @@ async fn same_events_as_pg_waldump() {
         ])
         .env("TZ", "UTC");
         let out = c.output().unwrap();
+        assert!(out.status.success(), "pg_waldump --rmgr {rmgr}: {}", String::from_utf8_lossy(&out.stderr));
         theirs.extend(parse_waldump(&String::from_utf8_lossy(&out.stdout)));
     }
     let kinds: BTreeSet<&str> = theirs.iter().map(|e| e.1.as_str()).collect();
