@@ -78,7 +78,7 @@ cat > "$stage/DEBIAN/postinst" <<'POSTINST'
 set -e
 if [ "$1" = configure ]; then
   if ! getent passwd walvault >/dev/null; then
-    adduser --system --group --home /var/lib/walvault --no-create-home --shell /usr/sbin/nologin \
+    adduser --system --group --home /var/lib/walvault --shell /usr/sbin/nologin \
       --gecos "walvault WAL archiver" walvault >/dev/null
   fi
   install -d -m 0750 -o root -g walvault /etc/walvault
@@ -93,7 +93,7 @@ set -e
 if [ -d /run/systemd/system ]; then systemctl daemon-reload >/dev/null || true; fi
 if [ "$1" = purge ]; then
   # /var/lib/walvault may hold a local archive: it is never removed by the package.
-  if getent passwd walvault >/dev/null && command -v deluser >/dev/null; then deluser --system walvault >/dev/null || true; fi
+  if getent passwd walvault >/dev/null && command -v deluser >/dev/null; then deluser --system walvault >/dev/null 2>&1 || true; fi
 fi
 exit 0
 POSTRM
