@@ -108,7 +108,7 @@ pub struct StreamOpts {
     /// Seal and upload a chunk at least this often while WAL flows [default: 1s].
     #[arg(long, env = "WALVAULT_CHUNK_INTERVAL", value_parser = humantime::parse_duration)]
     pub chunk_interval: Option<Duration>,
-    /// Largest chunk [default: 8MiB].
+    /// Largest chunk [default: 4MiB].
     #[arg(long, env = "WALVAULT_CHUNK_MAX_BYTES")]
     pub chunk_max_bytes: Option<String>,
     /// Uploads in flight [default: 4].

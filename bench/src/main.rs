@@ -182,15 +182,15 @@ impl Running {
             Archiver::None => {}
             Archiver::WalvaultLocal | Archiver::WalvaultS3 | Archiver::WalvaultEncrypted => {
                 let mut c = Command::new(bin("walvault-agent")?);
-                if kind == Archiver::WalvaultEncrypted {
-                    c.args(["--encrypt-recipient", &walvault_bench::age_recipient(&pg.dir)?]);
-                }
                 c.args([
                     "run",
                     "--pg-url",
                     &format!("{} application_name=walvault", pg.conn_str("postgres", "postgres")),
                 ])
                 .args(["--chunk-interval", chunk_interval, "--no-backups", "--listen", "127.0.0.1:0"]);
+                if kind == Archiver::WalvaultEncrypted {
+                    c.args(["--encrypt-recipient", &walvault_bench::age_recipient(&pg.dir)?]);
+                }
                 if kind == Archiver::WalvaultS3 {
                     let server = s3.context("no S3 server")?;
                     let bucket = server.new_bucket("bench").await?;

@@ -89,7 +89,7 @@ impl Default for StreamConfig {
             slot: "walvault".into(),
             create_slot: true,
             chunk_interval: Duration::from_secs(1),
-            chunk_max_bytes: 8 << 20,
+            chunk_max_bytes: 4 << 20,
             queue_depth: 4,
             upload_concurrency: 4,
             upload_timeout: Duration::from_secs(60),
@@ -242,9 +242,30 @@ async fn connect(params: &ConnParams) -> Result<(Connection, Server)> {
 }
 
 /// The slot, created if allowed and missing.
-async fn ensure_slot(conn: &mut Connection, cfg: &StreamConfig) -> Result<SlotInfo> {
+async fn ensure_slot(conn: &mut Connection, cfg: &StreamConfig, metrics: &Metrics) -> Result<SlotInfo> {
     if cfg.create_slot && conn.create_physical_slot(&cfg.slot).await? {
         tracing::info!(slot = %cfg.slot, "created physical replication slot");
+    }
+    // A physical slot made with RESERVE_WAL always has a restart LSN, unless the server
+    // invalidated it (max_slot_wal_keep_size exceeded, or removed WAL): the WAL it held is gone
+    // from the server, and the archive will have a gap there, which list and audit report.
+    // Recreate it and go on: stopping would only make the gap grow.
+    if let Some(SlotInfo { restart_lsn: None, .. }) = conn.read_slot(&cfg.slot).await? {
+        if !cfg.create_slot {
+            return Err(Fatal(anyhow!(
+                "replication slot {:?} was invalidated by the server (it kept more WAL than max_slot_wal_keep_size allows, or its WAL was removed)\nHINT: drop and recreate it (SELECT pg_drop_replication_slot('{}'); SELECT pg_create_physical_replication_slot('{}', true)), or let the agent do it (drop --no-create-slot); the archive will have a gap, which walvault-recover list and audit show",
+                cfg.slot, cfg.slot, cfg.slot
+            ))
+            .into());
+        }
+        let msg = format!(
+            "replication slot {:?} was invalidated by the server: WAL it held is lost to the archive (a gap, shown by walvault-recover list and audit); recreating the slot and archiving from the server's current position. Take a new base backup: restores cannot cross the gap",
+            cfg.slot
+        );
+        tracing::error!("{msg}");
+        metrics.set_error(msg);
+        conn.drop_slot(&cfg.slot).await?;
+        conn.create_physical_slot(&cfg.slot).await?;
     }
     conn.read_slot(&cfg.slot).await?.ok_or_else(|| {
         Fatal(anyhow!(
@@ -309,7 +330,7 @@ async fn session(
     }
     metrics.system_identifier.set(server.system.system_identifier);
     metrics.segment_size.set(server.segment_size);
-    let slot = ensure_slot(&mut conn, cfg).await?;
+    let slot = ensure_slot(&mut conn, cfg, metrics).await?;
     let history = archive_histories(&mut conn, writer, server.system.timeline).await?;
     let resume = plan_resume(writer, &server, &history, &slot).await.map_err(archive_err)?;
     stream(conn, &server, resume, writer, cfg, metrics, shutdown, ever_streamed).await

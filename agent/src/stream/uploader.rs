@@ -90,16 +90,16 @@ enum Done {
     Segment,
 }
 
-/// The frames of `[start, end)` of `tli`, if they cover it exactly and contiguously: the
-/// concatenated payload, the plain length and the combined plain crc32.
-fn join_frames(frames: &BTreeMap<Lsn, Frame>, tli: TimelineId, start: Lsn, end: Lsn) -> Option<(Vec<u8>, u64, u32)> {
+/// The frames of `[start, end)` of `tli`, if they cover it exactly and contiguously: their
+/// payloads (shared, not copied), the plain length and the combined plain crc32.
+fn join_frames(frames: &BTreeMap<Lsn, Frame>, tli: TimelineId, start: Lsn, end: Lsn) -> Option<(Vec<Bytes>, u64, u32)> {
     let mut pos = start;
     let mut payload = Vec::new();
     let mut crc = crc32fast::Hasher::new();
     let mut len = 0u64;
     while pos < end {
         let f = frames.get(&pos).filter(|f| f.timeline == tli && f.end <= end)?;
-        payload.extend_from_slice(&f.payload);
+        payload.push(f.payload.clone());
         crc.combine(&crc32fast::Hasher::new_with_initial_len(f.plain_crc, f.plain_len));
         len += f.plain_len;
         pos = f.end;
@@ -252,15 +252,18 @@ impl Uploader {
                 (self.writer.clone(), self.cfg.clone(), self.metrics.clone(), self.cancel.child_token());
             self.in_flight.push(tokio::spawn(async move {
                 let meta_json = serde_json::to_vec(&meta).expect("metadata serialises");
-                let object = writer.encode_raw(
+                let parts: Vec<&[u8]> = payload.iter().map(|b| b.as_ref()).collect();
+                let object = writer.encode_raw_parts(
                     &key,
                     ObjectKind::WalSegment,
                     &meta_json,
                     plain_len,
                     plain_crc,
                     Compression::Zstd,
-                    &payload,
+                    &parts,
                 );
+                drop(parts);
+                drop(payload);
                 upload(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
                 metrics.segments_archived.inc();
                 delete_chunks_of(&writer, &key, &names::chunks_of(&segment, cfg.segment_size)).await;
@@ -484,13 +487,14 @@ mod tests {
             frames.insert(Lsn(s), Frame::compress(tli, Lsn(e), &data[s as usize..e as usize], 1));
         }
         let (payload, len, crc) = join_frames(&frames, tli, Lsn(0), Lsn(1 << 20)).expect("frames cover the segment");
-        let obj = envelope::encode_raw(
+        let parts: Vec<&[u8]> = payload.iter().map(|b| b.as_ref()).collect();
+        let obj = envelope::encode_raw_parts(
             ObjectKind::WalSegment,
             b"{}",
             len,
             crc,
             Compression::Zstd,
-            &payload,
+            &parts,
             envelope::Seal::unsigned("seg"),
         );
         let d = envelope::decode(

@@ -238,14 +238,38 @@ pub fn encode_raw(
     payload: &[u8],
     seal: Seal<'_>,
 ) -> Vec<u8> {
+    encode_raw_parts(kind, meta, plain_len, plain_crc, compression, &[payload], seal)
+}
+
+/// [`encode_raw`] for a payload held in pieces (a whole segment's chunk frames): the pieces
+/// are written straight into the object, never joined first (unless the object is encrypted,
+/// whose cipher runs over the joined payload).
+pub fn encode_raw_parts(
+    kind: ObjectKind,
+    meta: &[u8],
+    plain_len: u64,
+    plain_crc: u32,
+    compression: Compression,
+    parts: &[&[u8]],
+    seal: Seal<'_>,
+) -> Vec<u8> {
     assert!(meta.len() <= MAX_METADATA_LEN as usize, "metadata too large");
-    let encrypted = seal.epoch.map(|e| e.seal(seal.key, payload));
-    let (enc_block, payload): (&[u8], &[u8]) = match &encrypted {
-        Some((block, ct)) => (block, ct),
-        None => (&[], payload),
+    let encrypted = seal.epoch.map(|e| e.seal(seal.key, &parts.concat()));
+    let ciphertext: [&[u8]; 1];
+    let (enc_block, payload): (&[u8], &[&[u8]]) = match &encrypted {
+        Some((block, ct)) => {
+            ciphertext = [ct.as_slice()];
+            (block, &ciphertext)
+        }
+        None => (&[], parts),
     };
+    let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut payload_crc = crc32fast::Hasher::new();
+    for p in payload {
+        payload_crc.update(p);
+    }
     let sig_len = if seal.signer.is_some() { SIGNATURE_BLOCK_LEN } else { 0 };
-    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + enc_block.len() + sig_len + payload.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + enc_block.len() + sig_len + payload_len);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.push(kind as u8);
@@ -256,13 +280,17 @@ pub fn encode_raw(
     out.extend_from_slice(&plain_len.to_le_bytes());
     out.extend_from_slice(&plain_crc.to_le_bytes());
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    out.extend_from_slice(&payload_crc.finalize().to_le_bytes());
     let mut signed_blocks = meta.to_vec();
     signed_blocks.extend_from_slice(enc_block);
     let mut block = Vec::new();
     if let Some(signer) = seal.signer {
-        let sha: [u8; 32] = sha2::Sha256::digest(payload).into();
+        let mut h = sha2::Sha256::new();
+        for p in payload {
+            h.update(p);
+        }
+        let sha: [u8; 32] = h.finalize().into();
         let sig = signer.sign(&signed_message(seal.key, &out[..40], &signed_blocks, &sha));
         block.extend_from_slice(&sha);
         block.extend_from_slice(&sig);
@@ -274,7 +302,9 @@ pub fn encode_raw(
     out.extend_from_slice(&h.finalize().to_le_bytes());
     out.extend_from_slice(&signed_blocks);
     out.extend_from_slice(&block);
-    out.extend_from_slice(payload);
+    for p in payload {
+        out.extend_from_slice(p);
+    }
     out
 }
 

@@ -177,6 +177,32 @@ impl Writer {
         .into()
     }
 
+    /// [`Writer::encode_raw`] for a payload in pieces, written into the object without joining
+    /// them first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_raw_parts(
+        &self,
+        key: &str,
+        kind: ObjectKind,
+        meta_json: &[u8],
+        plain_len: u64,
+        plain_crc: u32,
+        compression: Compression,
+        parts: &[&[u8]],
+    ) -> Bytes {
+        let epoch = self.epoch_for(key);
+        envelope::encode_raw_parts(
+            kind,
+            meta_json,
+            plain_len,
+            plain_crc,
+            compression,
+            parts,
+            self.seal(key, epoch.as_deref()),
+        )
+        .into()
+    }
+
     /// A metadata-only object (descriptions, locks): JSON metadata, no content, never
     /// encrypted.
     pub fn encode_metadata<M: Serialize>(&self, key: &str, metadata: &M) -> Bytes {

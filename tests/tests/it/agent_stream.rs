@@ -522,3 +522,184 @@ async fn bulk_load_streams_within_the_memory_bound() {
     assert!(kib < 48 << 10, "peak RSS {} MiB is over the 48 MiB bound", kib >> 10);
     assert_eq!(agent.stop().unwrap(), 0);
 }
+
+/// The fault-injecting store under the running agent (debug builds read WALVAULT_TEST_FAULTS)
+/// while pgbench writes: indeterminate writes (the put happened, the agent was told it timed
+/// out), random failures, then every call hanging longer than `upload_timeout`. Judged by the
+/// server's own pg_wal (every archived segment byte-identical), contiguity, and the slot: it
+/// never released WAL the archive did not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_store_faults_under_pgbench_lose_nothing() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("faults", opts()).unwrap();
+    let archive = Archive::local();
+    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
+    std::fs::write(&faults, "").unwrap();
+    let mut flags: Vec<&str> = archive.flags.iter().map(String::as_str).collect();
+    flags.extend_from_slice(&["--chunk-interval", "200ms", "--upload-timeout", "1s", "--no-backups"]);
+    let mut agent =
+        Agent::start_with_env(&pg.url(), &archive.url, &flags, &[("WALVAULT_TEST_FAULTS", faults.to_str().unwrap())])
+            .unwrap();
+    wait_streaming(&mut agent).await;
+    let start = flush_lsn(&pg).await;
+    pg.run_program("pgbench", &["-i", "-s", "3", "-q", "postgres"]).unwrap();
+    let load = {
+        let (sock, port) = (pg.socket_dir.clone(), pg.port);
+        std::thread::spawn(move || {
+            let mut c = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pgbench").unwrap()).unwrap();
+            c.args(["-T", "12", "-c", "2", "-n", "postgres"]).env("PGHOST", sock).env("PGPORT", port.to_string());
+            c.env("PGUSER", "postgres").output().unwrap()
+        })
+    };
+    let slot_never_ahead = |pg: &PgCluster, store: Arc<dyn ObjectStore>| {
+        let url = pg.conn_str("postgres", "postgres");
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            // What PostgreSQL was told is flushed must be in the archive.
+            let flushed: String = c
+                .query_one("SELECT coalesce(max(flush_lsn)::text, '0/0') FROM pg_stat_replication", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let flushed: Lsn = flushed.parse().unwrap();
+            let cat = catalog(&store, SEG).await.unwrap();
+            let archived = cat.contiguous_end(TimelineId(1), start.segment_start(SEG));
+            assert!(
+                archived >= flushed,
+                "PostgreSQL was told {flushed} is flushed; the archive holds only up to {archived}"
+            );
+        }
+    };
+    for (cmd, secs) in [("fail-after 6 put", 2), ("fail 0.4 put", 3), ("hang", 3), ("fail 0.3", 2), ("", 1)] {
+        std::fs::write(&faults, cmd).unwrap();
+        for _ in 0..secs * 2 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            slot_never_ahead(&pg, archive.store.clone()).await;
+        }
+    }
+    assert!(load.join().unwrap().status.success());
+    pg.switch_wal().await.unwrap();
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    let s = agent.status().await.unwrap();
+    assert!(s["upload_retries"].as_u64().unwrap() > 0, "faults were injected and retried: {s}");
+    assert_eq!(agent.stop().unwrap(), 0);
+    assert_contiguous(&archive.store, TimelineId(1), start.segment_start(SEG), end).await;
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 3);
+}
+
+/// A WAL record larger than a whole chunk (a 3 MiB logical message with 1 MiB chunks), and a
+/// storm of segment switches: the archive still holds exactly pg_wal's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_larger_than_a_chunk_and_switch_storms_archive_exactly() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("bigrecord", opts()).unwrap();
+    let archive = Archive::local();
+    let mut agent = archive.agent(&pg.url(), &["--chunk-max-bytes", "1MiB", "--chunk-interval", "200ms"]);
+    wait_streaming(&mut agent).await;
+    let start = flush_lsn(&pg).await;
+    // One WAL record of 3 MiB: pg_logical_emit_message writes its payload as a single record.
+    let rec_start: Lsn = pg
+        .query_one_text("SELECT pg_logical_emit_message(true, 'walvault-test', repeat('x', 3 * 1024 * 1024))::text")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let after = flush_lsn(&pg).await;
+    assert!(after.0 - rec_start.0 >= 3 << 20 || after.0 - start.0 >= 3 << 20, "a multi-MiB record: {start} .. {after}");
+    // A switch storm: many segment switches with a little WAL between.
+    pg.execute("CREATE TABLE s (v int)").await.unwrap();
+    for i in 0..40 {
+        pg.execute(&format!("INSERT INTO s VALUES ({i})")).await.unwrap();
+        pg.switch_wal().await.unwrap();
+    }
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    assert_contiguous(&archive.store, TimelineId(1), start.segment_start(SEG), end).await;
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 40);
+}
+
+/// Two agents writing the same cluster's WAL into one archive at once (two slots): write-once
+/// puts meet identical content (AlreadyThere) and carry on; the archive stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_one_archive_write_the_same_bytes_once() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("twoagents", opts()).unwrap();
+    let archive = Archive::local();
+    let mut a = archive.agent(&pg.url(), &["--chunk-interval", "200ms", "--slot", "one"]);
+    let mut b = archive.agent(&pg.url(), &["--chunk-interval", "200ms", "--slot", "two"]);
+    wait_streaming(&mut a).await;
+    wait_streaming(&mut b).await;
+    let start = flush_lsn(&pg).await;
+    pg.run_program("pgbench", &["-i", "-s", "2", "-q", "postgres"]).unwrap();
+    pg.switch_wal().await.unwrap();
+    let end = flush_lsn(&pg).await;
+    a.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    b.wait_archived(end, Duration::from_secs(120)).await.unwrap();
+    assert!(a.is_running() && b.is_running(), "both agents carry on:\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(a.stop().unwrap(), 0);
+    assert_eq!(b.stop().unwrap(), 0);
+    assert!(
+        a.log_text().contains("already archived with the same content")
+            || b.log_text().contains("already archived with the same content")
+    );
+    assert_contiguous(&archive.store, TimelineId(1), start.segment_start(SEG), end).await;
+    assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 2);
+}
+
+/// A slot the server invalidated while the agent was down (max_slot_wal_keep_size exceeded):
+/// the agent says so, recreates it and archives on; the gap in the archive is what `list` and
+/// `audit` report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_slot_is_recreated_and_the_gap_is_reported() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new(
+        "slotlost",
+        PgOptions {
+            settings: vec![
+                "wal_keep_size = 0".into(),
+                "max_slot_wal_keep_size = '32MB'".into(),
+                "max_wal_size = '64MB'".into(),
+                "min_wal_size = '32MB'".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let archive = Archive::local();
+    let mut agent = archive.agent(&pg.url(), &["--chunk-interval", "200ms", "--no-backups"]);
+    wait_streaming(&mut agent).await;
+    pg.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)").await.unwrap();
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    // While the agent is down, far more WAL than the slot may keep, and checkpoints.
+    pg.run_program("pgbench", &["-i", "-s", "8", "-q", "postgres"]).unwrap();
+    for _ in 0..3 {
+        pg.switch_wal().await.unwrap();
+        pg.execute("CHECKPOINT").await.unwrap();
+    }
+    let status =
+        pg.query_one_text("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walvault'").await.unwrap();
+    assert_eq!(status, "lost", "the server invalidated the slot");
+    agent.restart().unwrap();
+    wait_streaming(&mut agent).await;
+    pg.execute("INSERT INTO t VALUES (2)").await.unwrap();
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    let s = agent.status().await.unwrap();
+    assert!(s["last_error"]["message"].as_str().unwrap_or("").contains("invalidated"), "{s}");
+    assert_eq!(agent.stop().unwrap(), 0);
+    let recover = |args: &[&str]| {
+        let o = std::process::Command::new(walvault_tests::agent::workspace_binary("walvault-recover").unwrap())
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let l = recover(&["list", "--archive", &archive.url, "--json"]);
+    assert!(l["timelines"][0]["wal_ranges"].as_array().unwrap().len() >= 2, "list shows the gap: {l}");
+    let a = recover(&["audit", "--archive", &archive.url, "--json"]);
+    assert!(!a["gaps"].as_array().unwrap().is_empty() && a["pass"] == false, "audit reports the gap: {a}");
+}

@@ -662,6 +662,11 @@ async fn point_in_time_across_a_promotion() {
     drop(r);
     let r = restore_and_start(&archive, &["--latest"]).await;
     assert_eq!(ids(&r).await, (-2..=20).collect::<Vec<_>>());
+    drop(r);
+    // Along timeline 1 only (--target-timeline): everything the old primary committed, nothing
+    // of the new one's.
+    let r = restore_and_start(&archive, &["--latest", "--target-timeline", "1"]).await;
+    assert_eq!(ids(&r).await, (-2..=10).collect::<Vec<_>>());
     assert_eq!(agent.stop().unwrap(), 0);
 }
 
@@ -740,4 +745,100 @@ async fn restore_points_are_listed_checked_and_the_first_of_two_is_picked() {
     assert!(err.contains("exists 2 times") && err.contains("stops at the first"), "{err}");
     let r = walvault_tests::cli::start_recovered(dir, data).await.unwrap();
     assert_eq!(ids(&r).await, vec![1, 2, 3, 4]);
+}
+
+/// Targets at the edges: exactly on a segment boundary (the first byte of the segment after a
+/// switch), by transaction id (inclusive), and among several backups left after `expire`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_on_a_segment_boundary_by_xid_and_after_expire() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("edges", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let backup = |n: usize| {
+        for _ in 0..n {
+            let (code, _, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+            assert_eq!(code, 0, "{err}");
+        }
+    };
+    backup(1);
+    pg.execute("INSERT INTO t SELECT generate_series(1, 5)").await.unwrap();
+    // The switch ends the segment: the next record starts at the next segment's first byte.
+    pg.switch_wal().await.unwrap();
+    let boundary: Lsn = pg.query_one_text("SELECT pg_current_wal_insert_lsn()").await.unwrap().parse().unwrap();
+    let seg = pg.wal_segment_size().await.unwrap();
+    let boundary = Lsn(boundary.0.div_ceil(seg) * seg);
+    pg.execute("INSERT INTO t SELECT generate_series(6, 8)").await.unwrap();
+    // A transaction whose id is the target.
+    let c = pg.connect().await.unwrap();
+    let xid: String =
+        c.query_one("WITH i AS (INSERT INTO t VALUES (9)) SELECT txid_current()::text", &[]).await.unwrap().get(0);
+    c.execute("INSERT INTO t VALUES (10)", &[]).await.unwrap();
+    // Two more backups, then expire down to one full backup.
+    backup(2);
+    c.execute("INSERT INTO t VALUES (11)", &[]).await.unwrap();
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    // On the boundary: rows 1..5 (committed before the switch), none after.
+    let r = restore_and_start(&archive, &["--target-lsn", &boundary.to_string()]).await;
+    assert_eq!(ids(&r).await, (1..=5).collect::<Vec<_>>(), "target {boundary} on a segment boundary");
+    drop(r);
+    let r = restore_and_start(&archive, &["--target-xid", &xid]).await;
+    assert_eq!(ids(&r).await, (1..=9).collect::<Vec<_>>(), "up to and including xid {xid}");
+    drop(r);
+    let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rep["deleted_backups"].as_array().unwrap().len(), 2, "{rep}");
+    // The boundary is now before the only backup: refused with the window; latest works.
+    let never = PgCluster::fresh_dir("edges-never").unwrap().join("data");
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            never.to_str().unwrap(),
+            "--owner",
+            &PgCluster::pg_user_name(),
+            "--target-lsn",
+            &boundary.to_string(),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("recoverable window"), "{err}");
+    let r = restore_and_start(&archive, &["--latest"]).await;
+    assert_eq!(ids(&r).await, (1..=11).collect::<Vec<_>>());
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+/// A base backup taken from a standby (BASE_BACKUP on a server in recovery), the WAL streamed
+/// from the primary: it restores, with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_taken_from_a_standby_restores() {
+    walvault_tests::init_logging();
+    let primary = PgCluster::start_new("sb-primary", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    // The agent first: the archive then holds the WAL from before the standby's own start.
+    let mut agent = Agent::start(&primary.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    primary.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)").await.unwrap();
+    agent.wait_archived(flush_lsn(&primary).await, Duration::from_secs(60)).await.unwrap();
+    let standby = PgCluster::start_standby_of(&primary, "sb-standby").unwrap();
+    for _ in 0..600 {
+        if standby.query_one_text("SELECT count(*) FROM t").await.map(|c| c == "100").unwrap_or(false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(standby.query_one_text("SELECT count(*) FROM t").await.unwrap(), "100", "the standby replays");
+    let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &standby.url(), "--archive", &archive]);
+    assert_eq!(code, 0, "backup from the standby: {out}{err}");
+    primary.execute("INSERT INTO t SELECT generate_series(101, 120)").await.unwrap();
+    let end = flush_lsn(&primary).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0);
+    let r = restore_and_start(&archive, &["--latest"]).await;
+    assert_eq!(ids(&r).await, (1..=120).collect::<Vec<_>>());
 }
