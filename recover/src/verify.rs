@@ -154,7 +154,7 @@ async fn steps(
 
     // The restored files against the server's manifest (recovery settings excepted).
     let mut c = opts.tools.command("pg_verifybackup", owner);
-    c.args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal"]);
+    c.args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal", "-i", "standby.signal"]);
     if !r.had_postgresql_conf {
         c.args(["-i", "postgresql.conf"]);
     }

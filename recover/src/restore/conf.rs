@@ -106,7 +106,19 @@ impl Recovery<'_> {
     }
 
     /// Write `recovery.signal` and append the settings to `postgresql.auto.conf`.
+    ///
+    /// A backup taken from a standby carries that standby's `standby.signal` (BASE_BACKUP does
+    /// not exclude it); left in place the restored server would enter standby mode, follow the
+    /// old primary through `primary_conninfo` and never finish recovery. A restore is a
+    /// point-in-time recovery, so the file is removed (pg_verifybackup is told to ignore it).
     pub fn write(&self, pgdata: &Path) -> Result<()> {
+        match std::fs::remove_file(pgdata.join("standby.signal")) {
+            Ok(()) => eprintln!(
+                "restore: removed standby.signal (the backup was taken from a standby); the restored server recovers to its target and does not follow a primary"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         std::fs::write(pgdata.join("recovery.signal"), b"")?;
         let auto = pgdata.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap_or_default();

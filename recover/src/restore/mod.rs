@@ -4,7 +4,8 @@
 //! 1. read the identity, the complete backups, one listing of the WAL and the history files
 //!    ([`plan::ArchiveView`]); with `--verify-key`, every object read is authenticated;
 //! 2. choose the newest backup that ends at or before the target (`--backup ID` to force one)
-//!    and the timeline path to the target ([`plan::plan`]);
+//!    and the timeline path to the target ([`plan::plan`]); for `--target-xid`, the
+//!    transaction's end record is found in the archived WAL first ([`xid`]);
 //! 3. prove, before downloading anything, that the WAL from the backup's start up to the target
 //!    is present and contiguous along that path, or say exactly which LSN is missing and what
 //!    the recoverable window is; a time target must not lie beyond the archived WAL;
@@ -15,8 +16,9 @@
 //!    download the parts in parallel (each bounded, checksum- and signature-verified), and
 //!    unpack them with owner-only modes, the main archive first (its `pg_tblspc` links are
 //!    checked against the description before any tablespace is written);
-//! 6. store the server's `backup_manifest`, write `recovery.signal` and the recovery settings
-//!    ([`conf`]), and give everything to `--owner` (with `lchown`, never `chown` the program).
+//! 6. store the server's `backup_manifest`, write `recovery.signal` (removing a standby's
+//!    `standby.signal`) and the recovery settings ([`conf`]), and give everything to `--owner`
+//!    (with `lchown`, never `chown` the program).
 //!
 //! An incremental backup restores with its chain ([`combine`]): in step 4, every member's parts
 //! are listed with their recorded sizes and every incremental member is read once in full
@@ -31,6 +33,7 @@ pub mod conf;
 pub mod extract;
 pub mod manifest;
 pub mod plan;
+pub mod xid;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -289,7 +292,10 @@ pub struct Checked {
 /// Steps 1–4 of the module doc: nothing is written.
 pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
     let view = ArchiveView::load(reader).await?;
-    let plan = plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?;
+    let mut plan = plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?;
+    if let Target::Xid(x) = &opts.target {
+        plan = xid::plan_for_xid(reader, &view, plan, *x, opts.target_timeline, opts.backup_id.as_deref()).await?;
+    }
     let mut last_commit = None;
     if let Target::Name(name) = &opts.target {
         check_restore_point(reader, &view, &plan, name).await?;

@@ -57,7 +57,7 @@ async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgClu
     // The restored base matches the server's manifest (we changed only the recovery settings).
     let verify = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pg_verifybackup").unwrap())
         .unwrap()
-        .args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal"])
+        .args(["-n", "-i", "postgresql.auto.conf", "-i", "recovery.signal", "-i", "standby.signal"])
         .arg(&data)
         .output()
         .unwrap();
@@ -768,7 +768,8 @@ async fn targets_on_a_segment_boundary_by_xid_and_after_expire() {
     pg.switch_wal().await.unwrap();
     let boundary: Lsn = pg.query_one_text("SELECT pg_current_wal_insert_lsn()").await.unwrap().parse().unwrap();
     let seg = pg.wal_segment_size().await.unwrap();
-    let boundary = Lsn(boundary.0.div_ceil(seg) * seg);
+    // After a switch the insert position is reported past the new segment's page header.
+    let boundary = Lsn(boundary.0 / seg * seg);
     pg.execute("INSERT INTO t SELECT generate_series(6, 8)").await.unwrap();
     // A transaction whose id is the target.
     let c = pg.connect().await.unwrap();
@@ -787,6 +788,26 @@ async fn targets_on_a_segment_boundary_by_xid_and_after_expire() {
     let r = restore_and_start(&archive, &["--target-xid", &xid]).await;
     assert_eq!(ids(&r).await, (1..=9).collect::<Vec<_>>(), "up to and including xid {xid}");
     drop(r);
+    // A transaction that never ended in the archived WAL: refused before anything is written.
+    let unknown = (xid.parse::<u64>().unwrap() + 100_000).to_string();
+    let nowhere = PgCluster::fresh_dir("edges-xid").unwrap().join("data");
+    let (code, _, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--pgdata",
+            nowhere.to_str().unwrap(),
+            "--owner",
+            &PgCluster::pg_user_name(),
+            "--target-xid",
+            &unknown,
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("transaction {unknown} does not commit or abort")) && err.contains("HINT"), "{err}");
+    assert!(!nowhere.exists(), "nothing written for a refused xid target");
     let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
     assert_eq!(code, 0, "{err}");
     let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
