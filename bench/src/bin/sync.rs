@@ -159,12 +159,16 @@ async fn start_archiver(mode: Mode, pg: &PgCluster, s3: &S3Server) -> Result<Arc
 }
 
 async fn run_mode(mode: Mode, cli: &Cli, s3: &S3Server) -> Result<Vec<Row>> {
-    let mut settings = vec!["max_wal_size = '4GB'".to_string()];
-    if mode.synchronous() {
-        settings.push(format!("synchronous_standby_names = '{}'", mode.app()));
-    }
+    let settings = vec!["max_wal_size = '4GB'".to_string()];
     let pg = PgCluster::start_new("bench-sync", PgOptions { settings, ..Default::default() })?;
     pg.execute("CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await?;
+    // Named only now: with the name set before the archiver connects, the CREATE TABLE above
+    // would wait for it forever.
+    if mode.synchronous() {
+        pg.execute(&format!("ALTER SYSTEM SET synchronous_standby_names = '{}'", mode.app())).await?;
+        pg.execute("SELECT pg_reload_conf()").await?;
+    }
+    eprintln!("{}: starting the archiver", mode.name());
     let archiver = start_archiver(mode, &pg, s3).await?;
     let script = pg.dir.join("insert.sql");
     std::fs::write(&script, "INSERT INTO t (v) VALUES (1);\n")?;

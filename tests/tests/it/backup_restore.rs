@@ -96,7 +96,9 @@ async fn backup_then_point_in_time_restores() {
     let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())").await.unwrap();
     pg.execute("INSERT INTO t (id) SELECT generate_series(1, 5)").await.unwrap();
-    // Before any backup: a restore is refused with the reason.
+    // The archive exists (the agent has created it and archived these rows) ...
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+    // ... but before any backup a restore is refused with the reason.
     let (code, _, err) = run(
         "walvault-recover",
         &[
