@@ -84,9 +84,7 @@ impl Default for BackupConfig {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    walvault_shared::archive::lease::this_host()
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -210,8 +210,13 @@ impl Copier {
                 have.insert(o.key.clone());
             }
             if *rank == 3 {
-                report.chunks_removed += self.remove_consolidated_chunks(&have, seg).await?;
+                report.chunks_removed += self.remove_consolidated_chunks(&mut have, seg).await?;
             }
+        }
+        // Chunks copied by an earlier pass whose segment arrived in this one, when the source
+        // holds no chunks any more (nothing of rank 3 above).
+        if !groups.contains_key(&3) {
+            report.chunks_removed += self.remove_consolidated_chunks(&mut have, seg).await?;
         }
         // Descriptions: only when the copy holds the backup's parts and WAL.
         let copy_listing = Reader::new(self.to.clone(), None).wal_listing(seg).await?;
@@ -232,7 +237,7 @@ impl Copier {
     }
 
     /// Delete the copy's chunks of segments it holds whole.
-    async fn remove_consolidated_chunks(&self, have: &BTreeSet<String>, seg: u64) -> Result<usize> {
+    async fn remove_consolidated_chunks(&self, have: &mut BTreeSet<String>, seg: u64) -> Result<usize> {
         let doomed: Vec<String> = have
             .iter()
             .filter(|k| match names::parse(k, seg) {
@@ -243,6 +248,9 @@ impl Copier {
             .collect();
         if !doomed.is_empty() {
             self.to.delete(&doomed).await?;
+            for k in &doomed {
+                have.remove(k);
+            }
         }
         Ok(doomed.len())
     }

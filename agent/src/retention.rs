@@ -13,11 +13,15 @@
 //!   the start of the segment holding the oldest kept backup's start LSN: everything a kept
 //!   backup needs, from its start onwards, stays. History files are always kept.
 //! * Leftovers of interrupted backups are removed when their writer is gone.
+//! * A restore, drill or dump in progress holds a lease ([`walvault_shared::archive::lease`]):
+//!   every backup an unexpired lease names is kept, with its chain, and so is the WAL from the
+//!   lease's LSN; expired leases are deleted.
 //!
 //! Every deletion is logged; `dry_run` logs and reports without deleting.
 
 use anyhow::Result;
 use walvault_shared::archive::backup::{self, BackupDescription};
+use walvault_shared::archive::lease;
 use walvault_shared::archive::names::{self, ArchiveKey};
 use walvault_shared::archive::read::Reader;
 use walvault_shared::archive::write::Writer;
@@ -42,6 +46,8 @@ pub struct ExpireReport {
     pub wal_cutoff: Option<Lsn>,
     pub deleted_wal_objects: usize,
     pub deleted_wal_keys: Vec<String>,
+    /// Backups kept only because a restore, drill or dump holds a lease on them.
+    pub leased_backups: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -123,7 +129,24 @@ pub async fn expire(
         report.kept_backups = backups.iter().map(|b| b.id.clone()).collect();
         return Ok(report);
     }
-    let flags = keep(&backups, policy, chrono::Utc::now());
+    let now = chrono::Utc::now();
+    let mut flags = keep(&backups, policy, now);
+    let (leases, expired_leases) = lease::all(&reader, now).await?;
+    for l in &leases {
+        for id in &l.backups {
+            if let Some(i) = backups.iter().position(|b| &b.id == id) {
+                if !flags[i] {
+                    tracing::info!(backup = %id, "keeping a backup that a {} on {} (pid {}) holds a lease on until {}", l.purpose, l.host, l.pid, walvault_shared::time::text(l.honoured_until()));
+                    report.leased_backups.push(id.clone());
+                }
+                flags[i] = true;
+            }
+        }
+    }
+    if !dry_run && !expired_leases.is_empty() {
+        tracing::info!(count = expired_leases.len(), "removing expired leases");
+        store.delete(&expired_leases).await?;
+    }
     // Newest first: an incremental goes before its parent.
     for (b, k) in backups.iter().zip(&flags).rev() {
         if *k {
@@ -138,7 +161,8 @@ pub async fn expire(
     }
     let oldest_kept =
         backups.iter().zip(&flags).filter(|(_, k)| **k).map(|(b, _)| b.start_lsn).min().expect("newest is kept");
-    let cutoff = oldest_kept.segment_start(segment_size);
+    let leased_wal = leases.iter().map(|l| l.wal_from).min();
+    let cutoff = leased_wal.map_or(oldest_kept, |w| w.min(oldest_kept)).segment_start(segment_size);
     report.wal_cutoff = Some(cutoff);
     let mut doomed = Vec::new();
     for o in store.list_all(names::WAL_PREFIX).await? {

@@ -304,6 +304,11 @@ pub struct RestoreArgs {
     /// Database user for the checks of --start (over the Unix socket).
     #[arg(long, default_value = "postgres")]
     pub pg_user: String,
+    /// How long `expire` keeps the restored backup and the WAL after it for the replay that
+    /// follows (a lease in the archive; released at once with --start when replay is over;
+    /// 0: take none).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
 }
 
 #[derive(Args, Debug)]

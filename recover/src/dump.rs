@@ -177,6 +177,8 @@ pub async fn run(reader: &Reader, p: DumpPlan<'_>) -> Result<String> {
         parallel: a.parallel,
         tablespace_mapping: Vec::new(),
         tablespace_root: Some(p.scratch.join("tablespaces")),
+        lease: Some(std::time::Duration::from_secs(24 * 3600)),
+        purpose: "dump",
     };
     let checked = restore::check(reader, &opts).await?;
     // Room for the copy.
@@ -203,7 +205,9 @@ pub async fn run(reader: &Reader, p: DumpPlan<'_>) -> Result<String> {
     if let Some(o) = &p.owner {
         std::os::unix::fs::chown(&p.scratch, Some(o.uid), Some(o.gid))?;
     }
-    let result = steps(reader, &p, &opts, checked).await;
+    let mut lease = None;
+    let result = steps(reader, &p, &opts, checked, &mut lease).await;
+    restore::release_lease(reader, lease.as_deref()).await;
     match result {
         Ok(summary) => {
             let _ = std::fs::remove_dir_all(&p.scratch);
@@ -218,11 +222,18 @@ pub async fn run(reader: &Reader, p: DumpPlan<'_>) -> Result<String> {
     }
 }
 
-async fn steps(reader: &Reader, p: &DumpPlan<'_>, opts: &RestoreOptions, checked: restore::Checked) -> Result<String> {
+async fn steps(
+    reader: &Reader,
+    p: &DumpPlan<'_>,
+    opts: &RestoreOptions,
+    checked: restore::Checked,
+    lease: &mut Option<String>,
+) -> Result<String> {
     let a = p.args;
     let t0 = Instant::now();
     eprintln!("dump: restoring backup {} into {}", checked.plan.backup.id, opts.pgdata.display());
     let r = restore::apply(reader, opts, checked).await.context("restore")?;
+    lease.clone_from(&r.lease);
     eprintln!("dump: restored {} MiB in {:.1} s; recovering to {}", r.bytes >> 20, r.seconds, p.target);
     let t1 = Instant::now();
     let server = ScratchServer::start(&p.tools, p.owner.as_ref(), &opts.pgdata, &p.scratch, &a.pg_user)?;

@@ -236,6 +236,8 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         parallel: a.parallel,
         tablespace_mapping: mapping,
         tablespace_root: None,
+        lease: (!a.lease.is_zero()).then_some(a.lease),
+        purpose: "restore",
     };
     let r = restore::restore(&reader, &opts).await?;
     if let Some((t, xid, lsn, tli)) = r.last_commit {
@@ -264,10 +266,13 @@ async fn do_restore(a: RestoreArgs) -> Result<()> {
         r.reachable.0,
     );
     match &tools {
-        Some(t) => println!(
-            "{}",
-            pgtools::start_and_wait(t, owner.as_ref(), &a.pgdata, a.port, &a.socket_dir, &a.pg_user, action.as_str())?
-        ),
+        Some(t) => {
+            let replayed =
+                pgtools::start_and_wait(t, owner.as_ref(), &a.pgdata, a.port, &a.socket_dir, &a.pg_user, action.as_str());
+            // Replay is over (or failed): the archive need not hold anything for it any more.
+            restore::release_lease(&reader, r.lease.as_deref()).await;
+            println!("{}", replayed?);
+        }
         None => println!(
             "Start PostgreSQL on it to recover to the target (on another port and socket directory than a running cluster): {}pg_ctl -D {} -o '-p 5433 -k /tmp' start",
             owner.as_ref().map(|o| format!("runuser -u {} -- ", o.name)).unwrap_or_default(),
@@ -392,6 +397,8 @@ async fn do_verify(a: VerifyArgs) -> Result<ExitCode> {
             tablespace_mapping: Vec::new(),
             // A drill writes only into its scratch directory, tablespaces included.
             tablespace_root: Some(workdir.join("tablespaces")),
+            lease: Some(std::time::Duration::from_secs(24 * 3600)),
+            purpose: "verify",
         };
         // Every check restore makes (plan, keys, destinations) before the drill writes anything.
         restore::check(&reader, &restore).await?;

@@ -122,7 +122,9 @@ pub async fn drill(reader: &Reader, restore: RestoreOptions, opts: &DrillOptions
         std::os::unix::fs::chown(w, Some(o.uid), Some(o.gid))?;
     }
     let mut report = DrillReport { workdir: w.display().to_string(), ..Default::default() };
-    let result = steps(reader, restore, opts, &mut report).await;
+    let mut lease = None;
+    let result = steps(reader, restore, opts, &mut report, &mut lease).await;
+    crate::restore::release_lease(reader, lease.as_deref()).await;
     if let Err(e) = result {
         report.failure = Some(format!("{e:#}"));
     }
@@ -140,11 +142,13 @@ async fn steps(
     mut restore: RestoreOptions,
     opts: &DrillOptions,
     report: &mut DrillReport,
+    lease: &mut Option<String>,
 ) -> Result<()> {
     let data = opts.workdir.join("data");
     let owner = opts.owner.as_ref();
     restore.pgdata = data.clone();
     let r = crate::restore::restore(reader, &restore).await.context("restore")?;
+    lease.clone_from(&r.lease);
     report.backup = Some(r.backup.id.clone());
     report.backup_stop_time = Some(walvault_shared::time::text(r.backup.stop_time));
     report.restored_mib = Some(r.bytes >> 20);
@@ -223,7 +227,7 @@ pub fn record(
         id,
         started_at: started,
         finished_at: walvault_shared::time::now(),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+        host: walvault_shared::archive::lease::this_host(),
         pass: report.pass,
         failure: report.failure.clone(),
         backup: report.backup.clone(),

@@ -25,7 +25,26 @@ pub fn to_pg(t: DateTime<Utc>) -> i64 {
 /// Now, to the microsecond (what the text form keeps, so a stored time reads back equal).
 pub fn now() -> DateTime<Utc> {
     use chrono::SubsecRound;
-    Utc::now().trunc_subsecs(6)
+    (Utc::now() + test_skew()).trunc_subsecs(6)
+}
+
+/// Tests (debug builds only) give a process a wrong clock with `WALVAULT_TEST_CLOCK_SKEW_MS`
+/// (signed milliseconds added to every time this module hands out).
+#[cfg(debug_assertions)]
+fn test_skew() -> chrono::Duration {
+    static SKEW: std::sync::OnceLock<chrono::Duration> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("WALVAULT_TEST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(chrono::Duration::milliseconds)
+            .unwrap_or_else(chrono::Duration::zero)
+    })
+}
+
+#[cfg(not(debug_assertions))]
+fn test_skew() -> chrono::Duration {
+    chrono::Duration::zero()
 }
 
 /// The text form: RFC 3339, UTC, microseconds.

@@ -14,8 +14,9 @@
 //!   PostgreSQL as flushed.
 //! * A whole segment is written once all of its chunks are durable, from their compressed
 //!   frames (zstd decodes concatenated frames as one stream, so nothing is compressed twice);
-//!   then its chunks are deleted. The per-chunk durable times go into the segment's metadata,
-//!   and every [`INDEX_INTERVAL`] into a commit index batch.
+//!   then its chunks are deleted, and those of the previous segment that a lagging listing hid
+//!   then. The per-chunk durable times go into the segment's metadata, and every
+//!   [`INDEX_INTERVAL`] into a commit index batch.
 //!
 //! Memory: the compressed frames of the chunks in flight and queued, and those of the segment
 //! being filled; an envelope copy of each frame while it uploads.
@@ -33,7 +34,7 @@ use walvault_shared::archive::envelope::{Compression, ObjectKind};
 use walvault_shared::archive::names;
 use walvault_shared::archive::walcat::{ChunkRecord, WalObjectMeta};
 use walvault_shared::archive::write::{PutOnceError, PutOutcome, Writer};
-use walvault_shared::lsn::{Lsn, TimelineId};
+use walvault_shared::lsn::{Lsn, SegNo, TimelineId};
 use walvault_shared::storage::retry::{RetryError, RetryPolicy};
 use walvault_shared::storage::StorageError;
 use walvault_shared::wal::SegmentName;
@@ -267,6 +268,7 @@ impl Uploader {
                 upload(&writer, &cfg, &metrics, &cancel, &key, object, plain_len, plain_crc).await?;
                 metrics.segments_archived.inc();
                 delete_chunks_of(&writer, &key, &names::chunks_of(&segment, cfg.segment_size)).await;
+                sweep_previous(&writer, &segment, cfg.segment_size).await;
                 Ok::<Done, UploadStop>(Done::Segment)
             }));
         }
@@ -332,6 +334,9 @@ async fn delete_chunks_of(writer: &Writer, segment_key: &str, prefix: &str) {
     match policy.run(&format!("list chunks of {segment_key}"), || store.list_all(prefix)).await {
         Ok(list) => {
             let keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
+            if keys.is_empty() {
+                return;
+            }
             if let Err(e) = policy.run(&format!("delete chunks of {segment_key}"), || store.delete(&keys)).await {
                 tracing::warn!(
                     "could not delete chunks consolidated into {segment_key}: {e} (they are removed at the next start)"
@@ -339,6 +344,19 @@ async fn delete_chunks_of(writer: &Writer, segment_key: &str, prefix: &str) {
             }
         }
         Err(e) => tracing::warn!("could not list chunks of {segment_key}: {e}"),
+    }
+}
+
+/// Chunks of the previous segment that a lagging listing (an eventually consistent store, or
+/// a restart that could not see its predecessor's newest chunks) hid when that segment was
+/// consolidated: deleted now, once the previous segment is known to exist whole (a head, which
+/// is consistent where listings are not). Best effort, like [`delete_chunks_of`].
+async fn sweep_previous(writer: &Writer, segment: &SegmentName, segment_size: u64) {
+    let Some(prev) = segment.segno.0.checked_sub(1) else { return };
+    let prev = SegmentName::new(segment.timeline, SegNo(prev));
+    let key = names::segment(&prev, segment_size);
+    if matches!(writer.store().head(&key).await, Ok(m) if m.size > 0) {
+        delete_chunks_of(writer, &key, &names::chunks_of(&prev, segment_size)).await;
     }
 }
 

@@ -5,7 +5,8 @@
 //!    ([`plan::ArchiveView`]); with `--verify-key`, every object read is authenticated;
 //! 2. choose the newest backup that ends at or before the target (`--backup ID` to force one)
 //!    and the timeline path to the target ([`plan::plan`]); for `--target-xid`, the
-//!    transaction's end record is found in the archived WAL first ([`xid`]);
+//!    transaction's end record is found in the archived WAL first ([`xid`]); for
+//!    `--target-time`, backups are judged by the server's commit times ([`timepick`]);
 //! 3. prove, before downloading anything, that the WAL from the backup's start up to the target
 //!    is present and contiguous along that path, or say exactly which LSN is missing and what
 //!    the recoverable window is; a time target must not lie beyond the archived WAL;
@@ -33,6 +34,7 @@ pub mod conf;
 pub mod extract;
 pub mod manifest;
 pub mod plan;
+pub mod timepick;
 pub mod xid;
 
 use std::io::Read;
@@ -71,6 +73,10 @@ pub struct RestoreOptions {
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
     /// Restore every tablespace to `<root>/<oid>` (drills), whatever the mapping says.
     pub tablespace_root: Option<PathBuf>,
+    /// Take a lease for this long on the backups and WAL read ([`take_lease`]); `None`: none.
+    pub lease: Option<std::time::Duration>,
+    /// Who takes the lease: restore, verify or dump.
+    pub purpose: &'static str,
 }
 
 pub struct RestoreReport {
@@ -86,6 +92,8 @@ pub struct RestoreReport {
     pub last_commit: Option<(DateTime<Utc>, u32, Lsn, TimelineId)>,
     /// Whether the backup held a postgresql.conf (else an empty one was created).
     pub had_postgresql_conf: bool,
+    /// The key of the lease taken, if one was.
+    pub lease: Option<String>,
 }
 
 /// When the WAL just before `end` on `tli` was sealed by the agent (from the object's
@@ -105,12 +113,12 @@ async fn sealed_time_at(reader: &Reader, view: &ArchiveView, tli: TimelineId, en
 async fn last_commit_before(
     reader: &Reader,
     view: &ArchiveView,
+    records: &[walvault_shared::archive::walcat::ChunkRecord],
     path: &[PathStep],
     reach: (TimelineId, Lsn),
     target: DateTime<Utc>,
 ) -> Result<Option<(DateTime<Utc>, u32, Lsn, TimelineId)>> {
     let seg = view.catalog().segment_size;
-    let (records, _) = reader.chunk_records(&view.listing).await?;
     // The newest chunk on the path whose first commit is at or before the target.
     let best = records
         .iter()
@@ -292,7 +300,18 @@ pub struct Checked {
 /// Steps 1–4 of the module doc: nothing is written.
 pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
     let view = ArchiveView::load(reader).await?;
-    let mut plan = plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?;
+    // Time targets judge backups and report the last commit from the chunk records (one read).
+    let records = match &opts.target {
+        Target::Time(_) => Some(reader.chunk_records(&view.listing).await?.0),
+        _ => None,
+    };
+    let mut plan = match (&opts.target, opts.backup_id.as_deref(), &records) {
+        (Target::Time(t), None, Some(records)) => {
+            let t = t.with_timezone(&Utc);
+            timepick::plan_for_time(reader, &view, records, &opts.target, t, opts.target_timeline).await?
+        }
+        _ => plan::plan(&view, &opts.target, opts.target_timeline, opts.backup_id.as_deref())?,
+    };
     if let Target::Xid(x) = &opts.target {
         plan = xid::plan_for_xid(reader, &view, plan, *x, opts.target_timeline, opts.backup_id.as_deref()).await?;
     }
@@ -304,7 +323,8 @@ pub async fn check(reader: &Reader, opts: &RestoreOptions) -> Result<Checked> {
         let t = t.with_timezone(&Utc);
         let sealed = sealed_time_at(reader, &view, plan.reachable.0, plan.reachable.1).await;
         plan::check_time_target(&view, &plan, t, sealed)?;
-        last_commit = last_commit_before(reader, &view, &plan.path, plan.reachable, t).await?;
+        let records = records.as_deref().unwrap_or_default();
+        last_commit = last_commit_before(reader, &view, records, &plan.path, plan.reachable, t).await?;
     }
     let mapping = match &opts.tablespace_root {
         Some(root) => extract::map_all_under(&plan.backup, root)?,
@@ -331,6 +351,10 @@ pub async fn restore(reader: &Reader, opts: &RestoreOptions) -> Result<RestoreRe
 pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Result<RestoreReport> {
     let Checked { plan, dests, last_commit, .. } = checked;
     let backup = &plan.backup;
+    let lease = match opts.lease {
+        Some(ttl) => take_lease(reader, &plan, ttl, opts.purpose).await,
+        None => None,
+    };
     let ids = opts.owner.as_ref().map(|o| (o.uid, o.gid));
     if opts.force {
         for d in &dests {
@@ -419,7 +443,51 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
         timeline: plan.target_timeline,
         last_commit,
         had_postgresql_conf,
+        lease,
     })
+}
+
+/// Take a lease on the plan's chain and the WAL from its full backup's start, so that `expire`
+/// leaves them while this restore and its replay need them. Best effort: a store that refuses
+/// the write (read-only credentials) leaves the restore unprotected, with a warning.
+pub async fn take_lease(reader: &Reader, plan: &Plan, ttl: std::time::Duration, purpose: &str) -> Option<String> {
+    use walvault_shared::archive::lease::{self, Lease};
+    let now = walvault_shared::time::now();
+    let l = Lease {
+        purpose: purpose.to_string(),
+        host: walvault_shared::archive::lease::this_host(),
+        pid: std::process::id(),
+        backups: plan.chain.iter().map(|b| b.id.clone()).collect(),
+        timeline: plan.target_timeline,
+        wal_from: plan.chain[0].start_lsn,
+        taken_at: now,
+        expires_at: now + chrono::Duration::from_std(ttl).unwrap_or(lease::MAX_TTL),
+    };
+    match lease::take(reader.store(), &l).await {
+        Ok(key) => {
+            eprintln!(
+                "{purpose}: lease {key} keeps backup {} and the WAL after it from expire until {}",
+                plan.backup.id,
+                walvault_shared::time::text(l.honoured_until())
+            );
+            Some(key)
+        }
+        Err(e) => {
+            eprintln!(
+                "{purpose}: WARNING: could not take a lease in the archive ({e:#}): an expire running meanwhile may delete what this {purpose} reads"
+            );
+            None
+        }
+    }
+}
+
+/// Release a lease taken by [`apply`] (failures are reported, not fatal: it expires anyway).
+pub async fn release_lease(reader: &Reader, key: Option<&str>) {
+    if let Some(k) = key {
+        if let Err(e) = walvault_shared::archive::lease::release(reader.store(), k).await {
+            eprintln!("WARNING: could not remove lease {k} ({e:#}); it expires on its own");
+        }
+    }
 }
 
 /// Restore progress: a bar (bytes, rate, ETA) on a terminal, else a line every 2 s.

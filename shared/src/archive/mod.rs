@@ -21,6 +21,7 @@ pub mod drills;
 pub mod envelope;
 pub mod identity;
 pub mod index;
+pub mod lease;
 pub mod names;
 pub mod read;
 pub mod sign;

@@ -33,10 +33,16 @@ pub const BACKUPS_PREFIX: &str = "backups/";
 pub const INDEX_PREFIX: &str = "index/";
 pub const KEYS_PREFIX: &str = "keys/";
 pub const DRILLS_PREFIX: &str = "drills/";
+pub const LEASES_PREFIX: &str = "leases/";
 
 /// A restore drill's record.
 pub fn drill(id: &str) -> String {
     format!("{DRILLS_PREFIX}{id}")
+}
+
+/// A restore's lease on its backups and WAL ([`super::lease`]).
+pub fn lease(id: &str) -> String {
+    format!("{LEASES_PREFIX}{id}")
 }
 
 /// An epoch key object (its id as 32 hex digits).
@@ -129,6 +135,7 @@ pub enum ArchiveKey {
     IndexDay { day: String },
     EpochKey { id: String },
     Drill { id: String },
+    Lease { id: String },
 }
 
 /// Parse a key back into what it names; `None` for a key that is not in the catalogue.
@@ -168,12 +175,15 @@ pub fn parse(key: &str, segment_size: u64) -> Option<ArchiveKey> {
         let ok = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         return ok.then(|| ArchiveKey::EpochKey { id: rest.to_string() });
     }
-    if let Some(rest) = key.strip_prefix(DRILLS_PREFIX) {
-        let (t, nonce) = rest.split_once('-')?;
-        let ok = is_backup_id(t)
-            && nonce.len() == 8
-            && nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        return ok.then(|| ArchiveKey::Drill { id: rest.to_string() });
+    for (prefix, drill) in [(DRILLS_PREFIX, true), (LEASES_PREFIX, false)] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            let (t, nonce) = rest.split_once('-')?;
+            let ok = is_backup_id(t)
+                && nonce.len() == 8
+                && nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let id = rest.to_string();
+            return ok.then_some(if drill { ArchiveKey::Drill { id } } else { ArchiveKey::Lease { id } });
+        }
     }
     if let Some(rest) = key.strip_prefix("index/day/") {
         return is_day(rest).then(|| ArchiveKey::IndexDay { day: rest.to_string() });

@@ -262,19 +262,48 @@ impl Reader {
         let mut bytes = Vec::with_capacity(to.0.saturating_sub(from.0) as usize);
         let mut records = Vec::new();
         let mut pos = from;
+        // A chunk listed but gone when read was consolidated meanwhile: its segment holds the
+        // bytes (read once, then sliced for every chunk of it).
+        let mut segments: BTreeMap<String, Decoded> = BTreeMap::new();
         for p in pieces {
             let want = if p.whole_segment { Want::segment(seg) } else { Want::chunk(seg) };
-            let d = self.read(&p.key, want).await?;
-            let meta: WalObjectMeta = d.metadata_as(&p.key)?;
-            records.extend(listing.records_of(&p.key, tli, p.start, p.end, &meta));
-            let a = (pos.0 - p.start.0) as usize;
-            let b = (p.end.min(to).0 - p.start.0) as usize;
-            if d.content.len() < b || (p.whole_segment && d.content.len() as u64 != seg) {
-                bail!("object {} holds {} bytes, not what its name says", p.key, d.content.len());
+            let (key, own, base) = match self.read(&p.key, want).await {
+                Ok(d) => (p.key.clone(), Some(d), p.start),
+                Err(e) if !p.whole_segment && is_not_found(&e) => {
+                    let name = crate::wal::SegmentName::containing(tli, p.start, seg);
+                    let whole = names::segment(&name, seg);
+                    if !segments.contains_key(&whole) {
+                        let d = self.read(&whole, Want::segment(seg)).await.with_context(|| {
+                            format!("{} vanished while being read, and its segment cannot be read either", p.key)
+                        })?;
+                        segments.insert(whole.clone(), d);
+                    }
+                    (whole, None, name.start_lsn(seg))
+                }
+                Err(e) => return Err(e),
+            };
+            let d = match &own {
+                Some(d) => d,
+                None => &segments[&key],
+            };
+            let meta: WalObjectMeta = d.metadata_as(&key)?;
+            let (rs, re) = if key == p.key { (p.start, p.end) } else { (base, Lsn(base.0 + seg)) };
+            records.extend(
+                listing
+                    .records_of(&key, tli, rs, re, &meta)
+                    .into_iter()
+                    .filter(|r| r.end_lsn > p.start && r.start_lsn < p.end),
+            );
+            let a = (pos.0 - base.0) as usize;
+            let b = (p.end.min(to).0 - base.0) as usize;
+            let whole_len_wrong = (p.whole_segment || key != p.key) && d.content.len() as u64 != seg;
+            if d.content.len() < b || whole_len_wrong {
+                bail!("object {} holds {} bytes, not what its name says", key, d.content.len());
             }
             bytes.extend_from_slice(&d.content[a..b]);
             pos = p.end.min(to);
         }
+        sort_dedup(&mut records);
         Ok(WalRange { bytes, records })
     }
 
@@ -289,6 +318,7 @@ impl Reader {
         let covered =
             |tli: TimelineId, s: Lsn, e: Lsn| indexed.range((tli, s, Lsn(0))..(tli, e, Lsn(0))).next().is_some();
         let seg = listing.catalog.segment_size;
+        let mut segments_read = std::collections::BTreeSet::new();
         for o in &listing.objects {
             let Some(k) = names::parse(&o.key, seg) else { continue };
             let (tli, s, e, kind) = match k {
@@ -301,10 +331,31 @@ impl Reader {
             if covered(tli, s, e) {
                 continue;
             }
-            let (_, meta) = self.read_meta(&o.key, kind).await?;
+            let (key, kind, s, e) = match self.read_meta(&o.key, kind).await {
+                Ok((_, meta)) => {
+                    objects_read += 1;
+                    let m: WalObjectMeta = envelope::metadata_as(&o.key, &meta)?;
+                    records.extend(listing.records_of(&o.key, tli, s, e, &m));
+                    continue;
+                }
+                // Consolidated between the listing and this read: the segment's metadata
+                // holds the chunk's record (read once for all its chunks).
+                Err(err) if kind == ObjectKind::WalChunk && is_not_found(&err) => {
+                    let name = crate::wal::SegmentName::containing(tli, s, seg);
+                    let start = name.start_lsn(seg);
+                    (names::segment(&name, seg), ObjectKind::WalSegment, start, Lsn(start.0 + seg))
+                }
+                Err(err) => return Err(err),
+            };
+            if !segments_read.insert(key.clone()) {
+                continue;
+            }
+            let (_, meta) = self.read_meta(&key, kind).await.with_context(|| {
+                format!("{} vanished while being read, and its segment cannot be read either", o.key)
+            })?;
             objects_read += 1;
-            let m: WalObjectMeta = envelope::metadata_as(&o.key, &meta)?;
-            records.extend(listing.records_of(&o.key, tli, s, e, &m));
+            let m: WalObjectMeta = envelope::metadata_as(&key, &meta)?;
+            records.extend(listing.records_of(&key, tli, s, e, &m));
         }
         objects_read += self.rebuild_missing_commit_stats(listing, &mut records).await?;
         sort_dedup(&mut records);
@@ -423,4 +474,9 @@ impl WalListing {
 pub struct WalRange {
     pub bytes: Vec<u8>,
     pub records: Vec<ChunkRecord>,
+}
+
+/// Whether a read failed because the object does not exist (any more).
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<StorageError>(), Some(StorageError::NotFound { .. })))
 }

@@ -7,7 +7,9 @@
 //! * [`FaultyStore::fail_next_after`]: the next N calls reach the inner store and then report a
 //!   timeout: the write happened but the caller cannot know (an indeterminate outcome);
 //! * [`FaultyStore::fail_with_probability`]: each call fails with probability p;
-//! * [`FaultyStore::hang`]: calls block until the hang is lifted (or the caller gives up).
+//! * [`FaultyStore::hang`]: calls block until the hang is lifted (or the caller gives up);
+//! * [`FaultyStore::list_lag`]: listings leave out objects written less than a given time ago
+//!   (an eventually consistent listing); reads of those objects still succeed.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -27,6 +29,7 @@ struct Faults {
     fail_after: u32,
     probability: f64,
     only_ops: Option<HashSet<&'static str>>,
+    list_lag: Option<std::time::Duration>,
 }
 
 #[derive(Debug)]
@@ -35,6 +38,8 @@ pub struct FaultyStore {
     faults: Mutex<Faults>,
     hang: tokio::sync::watch::Sender<bool>,
     injected: AtomicU64,
+    /// Keys written recently and when (for `list_lag`); entries older than a minute are pruned.
+    written: Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 enum Injection {
@@ -50,6 +55,7 @@ impl FaultyStore {
             faults: Mutex::default(),
             hang: tokio::sync::watch::channel(false).0,
             injected: AtomicU64::new(0),
+            written: Mutex::default(),
         }
     }
     pub fn fail_next(&self, n: u32) {
@@ -64,6 +70,27 @@ impl FaultyStore {
     /// Restrict faults to these operations (`None`: all).
     pub fn only_ops(&self, ops: Option<&[&'static str]>) {
         self.faults.lock().unwrap().only_ops = ops.map(|o| o.iter().copied().collect());
+    }
+    /// Listings leave out what was written less than `lag` ago (`None`: listings are current).
+    pub fn list_lag(&self, lag: Option<std::time::Duration>) {
+        self.faults.lock().unwrap().list_lag = lag;
+    }
+    fn note_written(&self, key: &str) {
+        let now = std::time::Instant::now();
+        let mut w = self.written.lock().unwrap();
+        w.retain(|(_, t)| now.duration_since(*t) < std::time::Duration::from_secs(60));
+        w.push((key.to_string(), now));
+    }
+    fn hidden_from_listing(&self) -> HashSet<String> {
+        let Some(lag) = self.faults.lock().unwrap().list_lag else { return HashSet::new() };
+        let now = std::time::Instant::now();
+        self.written
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| now.duration_since(*t) < lag)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
     pub fn hang(&self, on: bool) {
         self.hang.send_replace(on);
@@ -128,9 +155,11 @@ impl ObjectStore for FaultyStore {
         self.inner.url()
     }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
+        self.note_written(key);
         self.wrap("put", key, self.inner.put(key, data, mode)).await
     }
     async fn put_stream(&self, key: &str, data: ByteStream, mode: PutMode) -> Result<u64, StorageError> {
+        self.note_written(key);
         self.wrap("put", key, self.inner.put_stream(key, data, mode)).await
     }
     async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
@@ -147,7 +176,13 @@ impl ObjectStore for FaultyStore {
         futures::stream::once(async move {
             match self.enter("list", &prefix).await {
                 Injection::Before(e) => futures::stream::once(async { Err(e) }).boxed(),
-                _ => self.inner.list(&prefix),
+                _ => {
+                    let hidden = self.hidden_from_listing();
+                    self.inner
+                        .list(&prefix)
+                        .filter(move |r| futures::future::ready(!matches!(r, Ok(m) if hidden.contains(&m.key))))
+                        .boxed()
+                }
             }
         })
         .flatten()
@@ -167,7 +202,8 @@ impl ObjectStore for FaultyStore {
 ///   with probability P;
 /// * `fail-next N [OP…]`: the next N calls fail before reaching the store;
 /// * `fail-after N [OP…]`: the next N calls reach the store, then report a timeout;
-/// * `hang`: every call blocks until the file changes.
+/// * `hang`: every call blocks until the file changes;
+/// * `list-lag SECONDS`: listings leave out objects written less than SECONDS ago.
 ///
 /// The binaries honour `WALVAULT_TEST_FAULTS` only in debug builds (what the tests run).
 pub fn controlled_by_file(inner: Arc<dyn ObjectStore>, path: std::path::PathBuf) -> Arc<dyn ObjectStore> {
@@ -196,6 +232,11 @@ fn apply_command(store: &FaultyStore, cmd: &str) -> Result<(), String> {
     let mut w = cmd.split_whitespace();
     let Some(verb) = w.next() else { return Ok(()) };
     let arg = if verb == "hang" { None } else { w.next() };
+    if verb == "list-lag" {
+        let secs = arg.and_then(|x| x.parse::<f64>().ok()).ok_or("list-lag: a number of seconds is missing")?;
+        store.list_lag(Some(std::time::Duration::from_secs_f64(secs)));
+        return Ok(());
+    }
     let ops: Vec<&'static str> = w
         .map(|o| match o {
             "put" => Ok("put"),

@@ -383,13 +383,29 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
     pg.execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE rep LOGIN REPLICATION PASSWORD 'right-pw'")
         .await
         .unwrap();
+    // And MD5, for a role whose password is stored as MD5 (deprecated by PostgreSQL 18, still
+    // found on older installations).
+    pg.execute("SET password_encryption = 'md5'; CREATE ROLE md5rep LOGIN REPLICATION PASSWORD 'md5-pw'")
+        .await
+        .unwrap();
     let hba = pg.data.join("pg_hba.conf");
     let text = std::fs::read_to_string(&hba)
         .unwrap()
         .replace("127.0.0.1/32            trust", "127.0.0.1/32            scram-sha-256");
+    let text = format!("host all md5rep 127.0.0.1/32 md5\nhost replication md5rep 127.0.0.1/32 md5\n{text}");
     std::fs::write(&hba, text).unwrap();
     pg.execute("SELECT pg_reload_conf()").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the reload took effect: a connection without a password is refused.
+    let nopw = format!("host=127.0.0.1 port={} user=rep dbname=postgres", pg.port);
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio_postgres::connect(&nopw, tokio_postgres::NoTls).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "pg_hba.conf's password lines in force");
 
     // Wrong password: exit 1, PostgreSQL's message, nothing written.
     let archive = Archive::local();
@@ -414,6 +430,14 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
     assert_eq!(agent.stop().unwrap(), 0);
     let stamped = archive.store.list_all("").await.unwrap();
     assert!(stamped.iter().any(|m| m.key == "walvault.repository"));
+    // MD5: the wrong password is refused as such, the right one streams.
+    let mut agent = archive.agent(&format!("postgresql://md5rep:wrong-pw@127.0.0.1:{}/postgres", pg.port), &[]);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)).unwrap(), 1);
+    assert!(agent.log_text().contains("28P01"), "{}", agent.log_text());
+    let mut agent = archive.agent(&format!("postgresql://md5rep:md5-pw@127.0.0.1:{}/postgres", pg.port), &[]);
+    wait_streaming(&mut agent).await;
+    assert_eq!(agent.stop().unwrap(), 0);
+    let stamped = archive.store.list_all("").await.unwrap();
 
     // Another cluster's archive: refused with a hint, nothing added.
     let other = PgCluster::start_new("other", opts()).unwrap();
@@ -475,7 +499,8 @@ async fn tls_sslmodes() {
     let url = |mode: &str, root: &std::path::Path| {
         format!("postgresql://postgres@localhost:{}/postgres?sslmode={mode}&sslrootcert={}", pg.port, root.display())
     };
-    for mode in ["verify-full", "verify-ca", "require", "prefer"] {
+    // allow behaves as prefer (TLS first): it connects to a server that only accepts TLS.
+    for mode in ["verify-full", "verify-ca", "require", "prefer", "allow"] {
         let mut agent = archive.agent(&url(mode, &ca), &[]);
         wait_streaming(&mut agent).await;
         assert_eq!(agent.stop().unwrap(), 0, "{mode}");
@@ -525,7 +550,8 @@ async fn bulk_load_streams_within_the_memory_bound() {
 
 /// The fault-injecting store under the running agent (debug builds read WALVAULT_TEST_FAULTS)
 /// while pgbench writes: indeterminate writes (the put happened, the agent was told it timed
-/// out), random failures, then every call hanging longer than `upload_timeout`. Judged by the
+/// out), random failures, every call hanging longer than `upload_timeout`, then a listing that
+/// lags writes across a kill -9 and a restart. Judged by the
 /// server's own pg_wal (every archived segment byte-identical), contiguity, and the slot: it
 /// never released WAL the archive did not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,7 +573,7 @@ async fn injected_store_faults_under_pgbench_lose_nothing() {
         let (sock, port) = (pg.socket_dir.clone(), pg.port);
         std::thread::spawn(move || {
             let mut c = walvault_tests::pg::pg_command(&walvault_tests::pg::pg_program("pgbench").unwrap()).unwrap();
-            c.args(["-T", "12", "-c", "2", "-n", "postgres"]).env("PGHOST", sock).env("PGPORT", port.to_string());
+            c.args(["-T", "17", "-c", "2", "-n", "postgres"]).env("PGHOST", sock).env("PGPORT", port.to_string());
             c.env("PGUSER", "postgres").output().unwrap()
         })
     };
@@ -578,12 +604,23 @@ async fn injected_store_faults_under_pgbench_lose_nothing() {
             slot_never_ahead(&pg, archive.store.clone()).await;
         }
     }
+    let s = agent.status().await.unwrap();
+    assert!(s["upload_retries"].as_u64().unwrap() > 0, "faults were injected and retried: {s}");
+    // A listing that lags writes by 4 s, across a kill -9 and a restart: the restarted agent
+    // does not see its newest objects when it resumes; it must neither lose nor contradict them.
+    std::fs::write(&faults, "list-lag 4").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.kill9();
+    agent.restart().unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        slot_never_ahead(&pg, archive.store.clone()).await;
+    }
+    std::fs::write(&faults, "").unwrap();
     assert!(load.join().unwrap().status.success());
     pg.switch_wal().await.unwrap();
     let end = flush_lsn(&pg).await;
     agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
-    let s = agent.status().await.unwrap();
-    assert!(s["upload_retries"].as_u64().unwrap() > 0, "faults were injected and retried: {s}");
     assert_eq!(agent.stop().unwrap(), 0);
     assert_contiguous(&archive.store, TimelineId(1), start.segment_start(SEG), end).await;
     assert!(assert_segments_identical(&archive.store, &pg, TimelineId(1)).await >= 3);

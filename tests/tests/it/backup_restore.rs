@@ -50,7 +50,9 @@ async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgClu
     let dir = PgCluster::fresh_dir("restored").unwrap();
     let data = dir.join("data");
     let owner = PgCluster::pg_user_name();
-    let mut args = vec!["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--owner", &owner];
+    // No lease: the helper waits for the replay itself (the lease test takes one explicitly).
+    let mut args =
+        vec!["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--owner", &owner, "--lease", "0s"];
     args.extend_from_slice(target);
     let (code, out, err) = run("walvault-recover", &args);
     assert_eq!(code, 0, "restore failed:\n{out}\n{err}");
@@ -81,6 +83,12 @@ async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgClu
         "restored cluster still in recovery after 120 s; log:\n{}",
         std::fs::read_to_string(&pg.log).unwrap_or_default()
     );
+}
+
+/// Lease objects in a local archive.
+fn leases(archive: &str) -> usize {
+    let dir = Path::new(archive.strip_prefix("file://").unwrap()).join("leases");
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
 async fn ids(pg: &PgCluster) -> Vec<i64> {
@@ -207,6 +215,9 @@ async fn backup_then_point_in_time_restores() {
         ],
     );
     assert_eq!(code, 0, "{out}\n{err}");
+    // It held a lease while it replayed, and released it when the replay was over.
+    assert!(err.contains("lease leases/"), "{err}");
+    assert_eq!(leases(&archive), 0, "the lease of restore --start is released");
     let line = out.lines().find(|l| l.contains("last replayed commit: ")).unwrap_or_else(|| panic!("{out}"));
     let replayed = line.split("last replayed commit: ").nth(1).unwrap().trim();
     let replayed = chrono::DateTime::parse_from_str(replayed, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap();
@@ -752,7 +763,7 @@ async fn restore_points_are_listed_checked_and_the_first_of_two_is_picked() {
 /// Targets at the edges: exactly on a segment boundary (the first byte of the segment after a
 /// switch), by transaction id (inclusive), and among several backups left after `expire`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn targets_on_a_segment_boundary_by_xid_and_after_expire() {
+async fn targets_on_a_segment_boundary_by_xid_inside_a_record_and_after_expire() {
     walvault_tests::init_logging();
     let pg = PgCluster::start_new("edges", opts()).unwrap();
     let (_keep, archive) = local_archive();
@@ -832,8 +843,27 @@ async fn targets_on_a_segment_boundary_by_xid_and_after_expire() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("recoverable window"), "{err}");
+    // A target inside a record that spans many pages (a continuation record at the target):
+    // PostgreSQL replays that record and the next one, and stops before row 13's commit.
+    c.execute("INSERT INTO t VALUES (12)", &[]).await.unwrap();
+    let msg_end: Lsn = pg
+        .query_one_text("SELECT pg_logical_emit_message(false, 'walvault-test', repeat('y', 2 * 1024 * 1024))::text")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    c.execute("INSERT INTO t VALUES (13)", &[]).await.unwrap();
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+    let inside = Lsn(msg_end.0 - (1 << 20));
+    let r = restore_and_start(&archive, &["--target-lsn", &inside.to_string()]).await;
+    assert_eq!(
+        ids(&r).await,
+        (1..=12).collect::<Vec<_>>(),
+        "target {inside} inside a 2 MiB record ending at {msg_end}"
+    );
+    drop(r);
     let r = restore_and_start(&archive, &["--latest"]).await;
-    assert_eq!(ids(&r).await, (1..=11).collect::<Vec<_>>());
+    assert_eq!(ids(&r).await, (1..=13).collect::<Vec<_>>());
     assert_eq!(agent.stop().unwrap(), 0);
 }
 
@@ -864,4 +894,169 @@ async fn backup_taken_from_a_standby_restores() {
     assert_eq!(agent.stop().unwrap(), 0);
     let r = restore_and_start(&archive, &["--latest"]).await;
     assert_eq!(ids(&r).await, (1..=120).collect::<Vec<_>>());
+}
+
+/// Expire racing a restore and a backup. A plain restore leaves a lease for the replay that
+/// follows it: `expire --retain-full 1` then keeps the restored (older) backup and the WAL after
+/// it, and the replay, started after the expire, finds everything. A backup in progress (its
+/// uploads held) is not taken for an abandoned one by an expire meanwhile, completes, and
+/// restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expire_racing_a_restore_and_a_backup() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("leases", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    // Enough data that a backup takes a while.
+    pg.run_program("pgbench", &["-i", "-s", "5", "-q", "postgres"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let backup = || {
+        let (code, out, err) = run("walvault-agent", &["backup", "--pg-url", &pg.url(), "--archive", &archive]);
+        assert_eq!(code, 0, "{err}");
+        let d = serde_json::from_str::<serde_json::Value>(&out).unwrap();
+        (d["id"].as_str().unwrap().to_string(), d["start_lsn"].as_str().unwrap().parse::<Lsn>().unwrap())
+    };
+    let (a, a_start) = backup();
+    pg.execute("INSERT INTO t SELECT generate_series(1, 5)").await.unwrap();
+    let (b, _) = backup();
+    pg.execute("INSERT INTO t SELECT generate_series(6, 10)").await.unwrap();
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+
+    // Restore the older backup (A), as an operator would, and start it only later.
+    let dir = PgCluster::fresh_dir("leased").unwrap();
+    let data = dir.join("data");
+    let owner = PgCluster::pg_user_name();
+    let (code, out, err) = run(
+        "walvault-recover",
+        &[
+            "restore",
+            "--archive",
+            &archive,
+            "--backup",
+            &a,
+            "--latest",
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--owner",
+            &owner,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("lease leases/") && err.contains(&format!("keeps backup {a}")), "{err}");
+    assert_eq!(leases(&archive), 1);
+    // Expire meanwhile: A would go (one full backup kept), but the lease keeps it and its WAL.
+    let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rep["deleted_backups"].as_array().unwrap().len(), 0, "{rep}");
+    assert_eq!(rep["leased_backups"], serde_json::json!([a]), "{rep}");
+    let cutoff: Lsn = rep["wal_cutoff"].as_str().unwrap().parse().unwrap();
+    assert!(cutoff <= a_start, "WAL from the leased backup's start ({a_start}) is kept: {rep}");
+    let r = PgCluster::from_data_dir("leased", dir, data, vec![]).unwrap();
+    r.start().unwrap();
+    for _ in 0..1200 {
+        if r.query_one_text("SELECT pg_is_in_recovery()").await.map(|v| v == "f").unwrap_or(false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ids(&r).await, (1..=10).collect::<Vec<_>>(), "the replay after the expire found A's WAL");
+    drop(r);
+
+    // A backup whose uploads hang (the fault file of debug builds) while an expire runs.
+    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
+    std::fs::write(&faults, "").unwrap();
+    let running = Command::new(workspace_binary("walvault-agent").unwrap())
+        .args(["backup", "--pg-url", &pg.url(), "--archive", &archive])
+        .env("WALVAULT_TEST_FAULTS", &faults)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let root = Path::new(archive.strip_prefix("file://").unwrap()).join("backups");
+    let locked = || {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.path().join("backup.lock").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+    };
+    let mut c_id = None;
+    for _ in 0..600 {
+        c_id = locked();
+        if c_id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c_id = c_id.expect("the backup took its lock");
+    std::fs::write(&faults, "hang put").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(root.join(&c_id).join("backup.lock").exists(), "expire left the running backup alone: {out}");
+    std::fs::write(&faults, "").unwrap();
+    let done = running.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(c["id"], c_id);
+    let (code, out, _) = run("walvault-recover", &["list", "--archive", &archive]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&c_id) && out.contains(&b), "{out}");
+    pg.execute("INSERT INTO t VALUES (11)").await.unwrap();
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+    let r = restore_and_start(&archive, &["--backup", &c_id, "--latest"]).await;
+    assert_eq!(ids(&r).await, (1..=11).collect::<Vec<_>>());
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+/// A time target when the agent's clock is 10 s behind the server's (debug builds honour
+/// `WALVAULT_TEST_CLOCK_SKEW_MS`): the newer backup's recorded end is then earlier than its real
+/// one, and the agent's clock alone would choose it although it already holds a commit after
+/// the target. The server's commit times choose the older backup, and the rows are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_target_with_the_agents_clock_behind_the_servers() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("skew", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let backup = |skew_ms: &str| {
+        let out = Command::new(workspace_binary("walvault-agent").unwrap())
+            .args(["backup", "--pg-url", &pg.url(), "--archive", &archive])
+            .env("WALVAULT_TEST_CLOCK_SKEW_MS", skew_ms)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    backup("0");
+    let c = pg.connect().await.unwrap();
+    let commit = |id: i32| {
+        let c = &c;
+        async move {
+            c.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+            let at: String = c
+                .query_one("SELECT pg_xact_commit_timestamp(xmin)::text FROM t WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            chrono::DateTime::parse_from_str(&at, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap()
+        }
+    };
+    for id in 1..5 {
+        commit(id).await;
+    }
+    let c5 = commit(5).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c6 = commit(6).await;
+    let b = backup("-10000");
+    let b_stop = chrono::DateTime::parse_from_rfc3339(b["stop_time"].as_str().unwrap()).unwrap();
+    let target = c5 + (c6 - c5) / 2;
+    assert!(b_stop < target, "the skewed agent stamped backup B's end ({b_stop}) before the target ({target})");
+    commit(7).await;
+    agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
+    let (r, out) = restore_and_start_with_output(&archive, &["--target-time", &target.to_rfc3339()]).await;
+    assert_eq!(ids(&r).await, (1..=5).collect::<Vec<_>>(), "rows at {target}: {out}");
+    assert_eq!(agent.stop().unwrap(), 0);
 }

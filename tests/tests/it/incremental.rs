@@ -226,6 +226,9 @@ async fn incremental_chain_on_17_and_18_restores_exactly_as_pg_combinebackup_ref
             ours.to_str().unwrap(),
             "--owner",
             &owner,
+            // The test starts and checks the server itself; no lease for a later replay.
+            "--lease",
+            "0s",
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
@@ -298,8 +301,18 @@ async fn incremental_chain_damage_and_retention_on_17_and_18_fallback_full_on_15
     let i2_id = i2["id"].as_str().unwrap().to_string();
     let owner = PgCluster::pg_user_name();
     let restore_into = |dir: &Path, extra: &[&str]| {
-        let mut args =
-            vec!["restore", "--archive", &archive, "--latest", "--pgdata", dir.to_str().unwrap(), "--owner", &owner];
+        let mut args = vec![
+            "restore",
+            "--archive",
+            &archive,
+            "--latest",
+            "--pgdata",
+            dir.to_str().unwrap(),
+            "--owner",
+            &owner,
+            "--lease",
+            "0s",
+        ];
         args.extend_from_slice(extra);
         run("walvault-recover", &args)
     };
