@@ -20,6 +20,8 @@
 #      of a chain vs a full restore and vs copying the chain out + pg_combinebackup
 #   5. synchronous mode: commit latency and TPS with walvault-agent --synchronous (local, S3) vs
 #      pg_receivewal --synchronous, at 1, 4 and 16 clients
+#   6. a logical export of one table at a point in time: walvault-recover dump vs the same steps
+#      by hand vs pg_dump of the live database
 # Everything runs under a private directory that is removed at exit, with every server stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,18 +64,21 @@ if [ $quick = 1 ]; then
   backup_args=(--scale 10 --wal-mib 64 --runs 1)
   incr_args=(--scale 10 --runs 1)
   sync_args=(--seconds 3 --clients 1,4)
+  dump_args=(--scale 10 --runs 1)
   results=${TMPDIR:-/tmp}/walvault-bench-quick.md
 else
   stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
   backup_args=(--scale 300 --wal-mib 1024 --runs 3)
   incr_args=(--scale 300 --runs 1)
   sync_args=(--seconds 10 --clients 1,4,16)
+  dump_args=(--scale 300 --runs 1)
   results=bench/RESULTS.md
 fi
 "$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}" --out "$out/stream.md"
 "$CARGO_TARGET_DIR/debug/walvault-bench-backup" "${backup_args[@]}" --out "$out/backup.md"
 PG_BIN=$PG17_BIN "$CARGO_TARGET_DIR/debug/walvault-bench-incremental" "${incr_args[@]}" --out "$out/incremental.md"
 "$CARGO_TARGET_DIR/debug/walvault-bench-sync" "${sync_args[@]}" --out "$out/sync.md"
+"$CARGO_TARGET_DIR/debug/walvault-bench-dump" "${dump_args[@]}" --out "$out/dump.md"
 elapsed=$(( $(date +%s) - t0 ))
 {
   echo "# walvault benchmark results"
@@ -81,7 +86,7 @@ elapsed=$(( $(date +%s) - t0 ))
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME")"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- versions: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $(pgbackrest version), walvault release builds, SeaweedFS $(/opt/walvault-test-env/bin/weed version 2>/dev/null | awk '{print $3; exit}')"
-  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}; walvault-bench-incremental ${incr_args[*]} with PostgreSQL $($PG17_BIN/postgres --version | awk '{print $3}'); walvault-bench-sync ${sync_args[*]}); ${elapsed} s"
+  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}; walvault-bench-incremental ${incr_args[*]} with PostgreSQL $($PG17_BIN/postgres --version | awk '{print $3}'); walvault-bench-sync ${sync_args[*]}; walvault-bench-dump ${dump_args[*]}); ${elapsed} s"
   echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
   echo
   cat "$out/stream.md"
@@ -91,5 +96,7 @@ elapsed=$(( $(date +%s) - t0 ))
   cat "$out/incremental.md"
   echo
   cat "$out/sync.md"
+  echo
+  cat "$out/dump.md"
 } > "$results"
 echo "wrote $results (${elapsed} s)"

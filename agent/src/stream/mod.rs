@@ -393,6 +393,7 @@ async fn stream(
         let _ = receive.conn.send_status(received, w, w, false).await;
         tracing::info!(archived_lsn = %w, "all received WAL is archived; last feedback sent");
         receive.conn.close().await;
+        sweep_redundant(writer, timeline, seg).await;
     }
     match upload_result {
         Err(UploadStop::Cancelled) => bail!(
@@ -406,6 +407,24 @@ async fn stream(
         Ok(true) => Ok(()),
         Ok(false) => bail!("uploader stopped"),
         Err(e) => Err(e),
+    }
+}
+
+/// At a clean stop: delete chunks of this timeline whose segment is archived whole (left by a
+/// listing that lagged when the segment was consolidated). Best effort; the next start does the
+/// same over the whole archive.
+async fn sweep_redundant(writer: &Writer, timeline: TimelineId, seg: u64) {
+    match writer.store().list_all(&names::timeline_dir(timeline)).await {
+        Ok(objects) => {
+            let redundant = WalListing::new(objects, seg).catalog.redundant_chunks();
+            if !redundant.is_empty() {
+                tracing::info!("removing {} chunks already consolidated into segments", redundant.len());
+                if let Err(e) = writer.store().delete(&redundant).await {
+                    tracing::warn!("could not remove chunks already consolidated: {e} (the next start does)");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("could not list {} to remove consolidated chunks: {e}", names::timeline_dir(timeline)),
     }
 }
 
