@@ -6,8 +6,10 @@
 #
 #   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (23 minutes measured
 #                           on 2 cores, after the release build)
+#   bench/run.sh --single   the full workloads, one run each (no medians), writes bench/RESULTS.md
+#                           (about 35 minutes)
 #   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
-#                           (a smoke test: about 2 minutes)
+#                           (a smoke test: about 4 minutes)
 #
 # What is compared (module docs of bench/src/main.rs and bench/src/bin/backup.rs say how):
 #   1. WAL archiving under a bulk load and under OLTP: walvault-agent (local dir and S3) vs
@@ -26,7 +28,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
+single=0
 [ "${1:-}" = "--quick" ] && quick=1
+[ "${1:-}" = "--single" ] && single=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
@@ -67,8 +71,10 @@ if [ $quick = 1 ]; then
   dump_args=(--scale 10 --runs 1)
   results=${TMPDIR:-/tmp}/walvault-bench-quick.md
 else
-  stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
-  backup_args=(--scale 300 --wal-mib 1024 --runs 3)
+  runs=3
+  [ $single = 1 ] && runs=1
+  stream_args=(--bulk-scale 100 --seconds 20 --runs $runs --latency-seconds 15)
+  backup_args=(--scale 300 --wal-mib 1024 --runs $runs)
   incr_args=(--scale 300 --runs 1)
   sync_args=(--seconds 10 --clients 1,4,16)
   dump_args=(--scale 300 --runs 1)
@@ -86,8 +92,12 @@ elapsed=$(( $(date +%s) - t0 ))
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME")"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- versions: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $(pgbackrest version), walvault release builds, SeaweedFS $(/opt/walvault-test-env/bin/weed version 2>/dev/null | awk '{print $3; exit}')"
-  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}; walvault-bench-incremental ${incr_args[*]} with PostgreSQL $($PG17_BIN/postgres --version | awk '{print $3}'); walvault-bench-sync ${sync_args[*]}; walvault-bench-dump ${dump_args[*]}); ${elapsed} s"
-  echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
+  echo "- command: \`bench/run.sh$([ $quick = 1 ] && echo ' --quick')$([ $single = 1 ] && echo ' --single')\` (walvault-bench ${stream_args[*]}; walvault-bench-backup ${backup_args[*]}; walvault-bench-incremental ${incr_args[*]} with PostgreSQL $($PG17_BIN/postgres --version | awk '{print $3}'); walvault-bench-sync ${sync_args[*]}; walvault-bench-dump ${dump_args[*]}); ${elapsed} s"
+  if [ $single = 1 ] || [ $quick = 1 ]; then
+    echo "- every cell is one run; ratios are from this one invocation. This is a shared 2-core VM: absolute figures move between invocations (by up to about 0.2 in the ratios), compare within one file."
+  else
+    echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
+  fi
   echo
   cat "$out/stream.md"
   echo

@@ -79,6 +79,8 @@ struct Listing {
     restore_points_complete: Option<bool>,
     /// The last restore drills recorded in the archive (newest last, at most 5).
     drills: Vec<walvault_shared::archive::drills::DrillRecord>,
+    /// Restores, drills and dumps holding backups and WAL against `expire` now.
+    leases: Vec<walvault_shared::archive::lease::Lease>,
 }
 
 /// First and last commit time among `records` of `tli` inside `[from, to)`.
@@ -178,6 +180,7 @@ async fn gather(reader: &Reader) -> Result<Listing> {
             let all = walvault_shared::archive::drills::list(reader).await?;
             all[all.len().saturating_sub(5)..].to_vec()
         },
+        leases: walvault_shared::archive::lease::all(reader, walvault_shared::time::now()).await?.0,
     })
 }
 
@@ -256,6 +259,20 @@ fn text(l: &Listing) -> String {
                     (None, Some(r)) => format!("  RTO {r:.1} s"),
                     _ => String::new(),
                 }
+            );
+        }
+    }
+    if !l.leases.is_empty() {
+        let _ = writeln!(s, "\nleases (expire keeps these backups and the WAL after them):");
+        for x in &l.leases {
+            let _ = writeln!(
+                s,
+                "  {} on {} (pid {}): backup {} until {}",
+                x.purpose,
+                x.host,
+                x.pid,
+                x.backups.last().map(String::as_str).unwrap_or("-"),
+                walvault_shared::time::text(x.honoured_until())
             );
         }
     }

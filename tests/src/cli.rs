@@ -64,7 +64,9 @@ pub async fn restore_and_start(archive: &str, extra: &[&str]) -> (PgCluster, Str
     let dir = PgCluster::fresh_dir("restored").unwrap();
     let data = dir.join("data");
     let owner = PgCluster::pg_user_name();
-    let mut args = vec!["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--owner", &owner];
+    // No lease: this helper waits for the replay itself (tests of leases take one explicitly).
+    let mut args =
+        vec!["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--owner", &owner, "--lease", "0s"];
     args.extend_from_slice(extra);
     let (code, out, err) = run("walvault-recover", &args);
     assert_eq!(code, 0, "restore failed:\n{out}\n{err}");

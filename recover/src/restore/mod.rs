@@ -349,12 +349,27 @@ pub async fn restore(reader: &Reader, opts: &RestoreOptions) -> Result<RestoreRe
 
 /// Steps 5 and 6 of the module doc.
 pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Result<RestoreReport> {
-    let Checked { plan, dests, last_commit, .. } = checked;
-    let backup = &plan.backup;
     let lease = match opts.lease {
-        Some(ttl) => take_lease(reader, &plan, ttl, opts.purpose).await,
+        Some(ttl) => take_lease(reader, &checked.plan, ttl, opts.purpose).await,
         None => None,
     };
+    match write(reader, opts, checked).await {
+        Ok(mut r) => {
+            r.lease = lease;
+            Ok(r)
+        }
+        Err(e) => {
+            // A failed restore needs nothing from the archive any more.
+            release_lease(reader, lease.as_deref()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Steps 5 and 6 (the writing part of [`apply`]).
+async fn write(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Result<RestoreReport> {
+    let Checked { plan, dests, last_commit, .. } = checked;
+    let backup = &plan.backup;
     let ids = opts.owner.as_ref().map(|o| (o.uid, o.gid));
     if opts.force {
         for d in &dests {
@@ -443,7 +458,7 @@ pub async fn apply(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> 
         timeline: plan.target_timeline,
         last_commit,
         had_postgresql_conf,
-        lease,
+        lease: None,
     })
 }
 

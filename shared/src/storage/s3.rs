@@ -555,3 +555,19 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_storage_class;
+
+    #[test]
+    fn storage_classes_that_need_a_restore_request_are_refused() {
+        assert_eq!(parse_storage_class("standard_ia").unwrap(), "STANDARD_IA");
+        assert_eq!(parse_storage_class("GLACIER_IR").unwrap(), "GLACIER_IR");
+        for refused in ["GLACIER", "deep_archive"] {
+            let e = format!("{:#}", parse_storage_class(refused).unwrap_err());
+            assert!(e.contains("restore request") && e.contains("HINT"), "{e}");
+        }
+        assert!(format!("{:#}", parse_storage_class("COLD").unwrap_err()).contains("unknown storage class"));
+    }
+}

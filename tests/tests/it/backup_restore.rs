@@ -944,6 +944,10 @@ async fn expire_racing_a_restore_and_a_backup() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("lease leases/") && err.contains(&format!("keeps backup {a}")), "{err}");
     assert_eq!(leases(&archive), 1);
+    let (code, out, err) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["leases"][0]["backups"], serde_json::json!([a]), "list shows the lease: {l}");
     // Expire meanwhile: A would go (one full backup kept), but the lease keeps it and its WAL.
     let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -1058,5 +1062,64 @@ async fn time_target_with_the_agents_clock_behind_the_servers() {
     agent.wait_archived(flush_lsn(&pg).await, Duration::from_secs(60)).await.unwrap();
     let (r, out) = restore_and_start_with_output(&archive, &["--target-time", &target.to_rfc3339()]).await;
     assert_eq!(ids(&r).await, (1..=5).collect::<Vec<_>>(), "rows at {target}: {out}");
+    assert_eq!(agent.stop().unwrap(), 0);
+}
+
+/// A timeline switch during a backup: the standby a backup is taken from is promoted while the
+/// backup's uploads are held. PostgreSQL fails the backup ("the standby was promoted during
+/// online backup"); `walvault-agent backup` exits non-zero saying so, and the archive lists no
+/// complete backup from it (the next backup or expire removes its leftovers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_promoted_during_its_backup_fails_the_backup_cleanly() {
+    walvault_tests::init_logging();
+    let primary = PgCluster::start_new("tlb-primary", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&primary.url(), &archive, &["--chunk-interval", "200ms", "--no-backups"]).unwrap();
+    // Enough data that the backup is still streaming when the standby is promoted.
+    primary.run_program("pgbench", &["-i", "-s", "10", "-q", "postgres"]).unwrap();
+    agent.wait_archived(flush_lsn(&primary).await, Duration::from_secs(60)).await.unwrap();
+    let standby = PgCluster::start_standby_of(&primary, "tlb-standby").unwrap();
+    let want = flush_lsn(&primary).await;
+    for _ in 0..600 {
+        let at: Option<Lsn> =
+            standby.query_one_text("SELECT pg_last_wal_replay_lsn()").await.ok().and_then(|s| s.parse().ok());
+        if at.is_some_and(|l| l >= want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
+    std::fs::write(&faults, "").unwrap();
+    let running = Command::new(workspace_binary("walvault-agent").unwrap())
+        .args(["backup", "--pg-url", &standby.url(), "--archive", &archive])
+        .env("WALVAULT_TEST_FAULTS", &faults)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let root = Path::new(archive.strip_prefix("file://").unwrap()).join("backups");
+    let mut locked = false;
+    for _ in 0..600 {
+        locked = std::fs::read_dir(&root)
+            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("backup.lock").exists()))
+            .unwrap_or(false);
+        if locked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(locked, "the backup took its lock");
+    std::fs::write(&faults, "hang put").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    standby.promote().unwrap();
+    std::fs::write(&faults, "").unwrap();
+    let done = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success(), "a backup across a promotion must fail: {err}");
+    assert!(err.contains("promoted"), "the reason is PostgreSQL's: {err}");
+    let (code, out, lerr) = run("walvault-recover", &["list", "--archive", &archive, "--json"]);
+    assert_eq!(code, 0, "{lerr}");
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["backups"].as_array().unwrap().len(), 0, "no complete backup: {l}");
     assert_eq!(agent.stop().unwrap(), 0);
 }
