@@ -6,8 +6,8 @@
 #
 #   bench/run.sh            full run, medians of 3, writes bench/RESULTS.md (23 minutes measured
 #                           on 2 cores, after the release build)
-#   bench/run.sh --single   the full workloads, one run each (no medians), writes bench/RESULTS.md
-#                           (about 35 minutes)
+#   bench/run.sh --single   one run each, backups/incrementals/dumps of a scale-100 database
+#                           (1.5 GiB), writes bench/RESULTS.md (about 30 minutes)
 #   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
 #                           (a smoke test: about 4 minutes)
 #
@@ -60,7 +60,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-out=$WALVAULT_TEST_DIR/out
+# WALVAULT_BENCH_OUT keeps each part's table (e.g. to read the parts of an interrupted run).
+out=${WALVAULT_BENCH_OUT:-$WALVAULT_TEST_DIR/out}
 mkdir -p "$out"
 t0=$(date +%s)
 if [ $quick = 1 ]; then
@@ -71,13 +72,18 @@ if [ $quick = 1 ]; then
   dump_args=(--scale 10 --runs 1)
   results=${TMPDIR:-/tmp}/walvault-bench-quick.md
 else
-  runs=3
-  [ $single = 1 ] && runs=1
-  stream_args=(--bulk-scale 100 --seconds 20 --runs $runs --latency-seconds 15)
-  backup_args=(--scale 300 --wal-mib 1024 --runs $runs)
+  stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
+  backup_args=(--scale 300 --wal-mib 1024 --runs 3)
   incr_args=(--scale 300 --runs 1)
   sync_args=(--seconds 10 --clients 1,4,16)
   dump_args=(--scale 300 --runs 1)
+  if [ $single = 1 ]; then
+    # One run each and scale 100 databases (1.5 GiB) for backups, incrementals and dumps.
+    stream_args=(--bulk-scale 100 --seconds 20 --runs 1 --latency-seconds 15)
+    backup_args=(--scale 100 --wal-mib 512 --runs 1)
+    incr_args=(--scale 100 --runs 1)
+    dump_args=(--scale 100 --runs 1)
+  fi
   results=bench/RESULTS.md
 fi
 "$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}" --out "$out/stream.md"
