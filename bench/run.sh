@@ -86,11 +86,21 @@ else
   fi
   results=bench/RESULTS.md
 fi
-"$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}" --out "$out/stream.md"
-"$CARGO_TARGET_DIR/debug/walvault-bench-backup" "${backup_args[@]}" --out "$out/backup.md"
-PG_BIN=$PG17_BIN "$CARGO_TARGET_DIR/debug/walvault-bench-incremental" "${incr_args[@]}" --out "$out/incremental.md"
-"$CARGO_TARGET_DIR/debug/walvault-bench-sync" "${sync_args[@]}" --out "$out/sync.md"
-"$CARGO_TARGET_DIR/debug/walvault-bench-dump" "${dump_args[@]}" --out "$out/dump.md"
+# With WALVAULT_BENCH_OUT, a part whose table is already there is not run again (resuming an
+# interrupted invocation with the same arguments).
+part() {
+  local name=$1; shift
+  if [ -n "${WALVAULT_BENCH_OUT:-}" ] && [ -s "$out/$name.md" ]; then
+    echo "[$name: kept from $out/$name.md]"
+  else
+    "$@" --out "$out/$name.md"
+  fi
+}
+part stream "$CARGO_TARGET_DIR/debug/walvault-bench" "${stream_args[@]}"
+part backup "$CARGO_TARGET_DIR/debug/walvault-bench-backup" "${backup_args[@]}"
+part incremental env PG_BIN=$PG17_BIN "$CARGO_TARGET_DIR/debug/walvault-bench-incremental" "${incr_args[@]}"
+part sync "$CARGO_TARGET_DIR/debug/walvault-bench-sync" "${sync_args[@]}"
+part dump "$CARGO_TARGET_DIR/debug/walvault-bench-dump" "${dump_args[@]}"
 elapsed=$(( $(date +%s) - t0 ))
 {
   echo "# walvault benchmark results"

@@ -354,6 +354,20 @@ pub fn age_recipient(dir: &std::path::Path) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("no public key in {}", path.display()))
 }
 
+/// A local archive root `dir/repo` that PostgreSQL's user can read (its `restore_command` runs as
+/// that user): mode 2750 and that user's group, as docs/operations.md tells operators to share an
+/// archive. Returns the archive URL.
+pub fn shared_archive(dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.join("repo");
+    std::fs::create_dir_all(&root)?;
+    if let Some(u) = walvault_tests::pg::pg_user()? {
+        std::os::unix::fs::chown(&root, None, Some(u.gid))?;
+    }
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o2750))?;
+    Ok(format!("file://{}", root.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

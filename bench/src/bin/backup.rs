@@ -165,7 +165,7 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
     let db_bytes: u64 = pg.query_one_text("SELECT sum(pg_database_size(oid)) FROM pg_database").await?.parse()?;
     let db_mib = db_bytes as f64 / MIB;
     let adir = PgCluster::fresh_dir("bench-archive")?;
-    let archive = format!("file://{}", adir.join("repo").display());
+    let archive = walvault_bench::shared_archive(&adir)?;
     let agent_bin = bin("walvault-agent")?;
     let mut agent = Command::new(&agent_bin)
         .args(["run", "--pg-url", &format!("{} application_name=walvault", pg.conn_str("postgres", "postgres"))])
@@ -176,7 +176,7 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
     let mut guard = KillOnDrop(Some(agent.id()));
     // A second, encrypted archive, streamed by a second agent on its own slot.
     let edir = PgCluster::fresh_dir("bench-archive-enc")?;
-    let earchive = format!("file://{}", edir.join("repo").display());
+    let earchive = walvault_bench::shared_archive(&edir)?;
     let recipient = walvault_bench::age_recipient(&edir)?;
     let mut eagent = Command::new(&agent_bin)
         .args(["run", "--pg-url", &format!("{} application_name=walvault-enc", pg.conn_str("postgres", "postgres"))])

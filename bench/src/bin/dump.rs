@@ -41,6 +41,14 @@ fn ok(mut c: Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+/// `pg_dump -Fc --table pgbench_branches` of `pg` over its socket.
+fn pg_dump_table(pg: &PgCluster, out: &Path, what: &str) -> Result<()> {
+    let mut c = pg_command(&pg_program("pg_dump")?)?;
+    c.args(["-Fc", "--table", "pgbench_branches", "-f", out.to_str().unwrap()]);
+    c.args(["-h", pg.socket_dir.to_str().unwrap(), "-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
+    ok(c, what).map(|_| ())
+}
+
 fn walvault_dump(archive: &str, target: &str, out: &Path) -> Result<f64> {
     let scratch = PgCluster::fresh_dir("bench-dump-scratch")?;
     let t0 = Instant::now();
@@ -81,17 +89,7 @@ async fn manual_path(archive: &str, target: &str, out: &Path) -> Result<f64> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut c = pg_command(&pg_program("pg_dump")?)?;
-    c.args(["-Fc", "--table", "pgbench_branches", "-f", out.to_str().unwrap()]).args([
-        "-h",
-        pg.socket_dir.to_str().unwrap(),
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
-    ok(c, "pg_dump (manual path)")?;
+    pg_dump_table(&pg, out, "pg_dump (manual path)")?;
     pg.stop("immediate")?;
     std::fs::remove_dir_all(&dir)?;
     Ok(t0.elapsed().as_secs_f64())
@@ -99,17 +97,7 @@ async fn manual_path(archive: &str, target: &str, out: &Path) -> Result<f64> {
 
 fn live_dump(pg: &PgCluster, out: &Path) -> Result<f64> {
     let t0 = Instant::now();
-    let mut c = pg_command(&pg_program("pg_dump")?)?;
-    c.args(["-Fc", "--table", "pgbench_branches", "-f", out.to_str().unwrap()]).args([
-        "-h",
-        pg.socket_dir.to_str().unwrap(),
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
-    ok(c, "pg_dump (live)")?;
+    pg_dump_table(pg, out, "pg_dump (live)")?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -125,7 +113,7 @@ async fn main() -> Result<()> {
     pg.execute("CHECKPOINT").await?;
     let db_bytes: u64 = pg.query_one_text("SELECT pg_database_size('postgres')").await?.parse()?;
     let adir = PgCluster::fresh_dir("bench-dump-archive")?;
-    let archive = format!("file://{}", adir.join("repo").display());
+    let archive = walvault_bench::shared_archive(&adir)?;
     let mut agent = Command::new(bin("walvault-agent")?)
         .args(["run", "--pg-url", &pg.url(), "--archive", &archive, "--no-backups"])
         .stdout(Stdio::null())

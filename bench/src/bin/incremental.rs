@@ -191,7 +191,7 @@ async fn run(cli: &Cli) -> Result<Results> {
     eprintln!("[bulk load of scale {} took {:.0} s]", cli.scale, t_load.elapsed().as_secs_f64());
     let db_bytes: u64 = pg.query_one_text("SELECT sum(pg_database_size(oid)) FROM pg_database").await?.parse()?;
     let adir = PgCluster::fresh_dir("bench-incr-archive")?;
-    let archive = format!("file://{}", adir.join("repo").display());
+    let archive = walvault_bench::shared_archive(&adir)?;
     let agent_bin = bin("walvault-agent")?;
     let mut agent = Command::new(&agent_bin)
         .args(["run", "--pg-url", &pg.url(), "--archive", &archive, "--no-backups"])

@@ -85,6 +85,39 @@ async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgClu
     );
 }
 
+/// `walvault-agent backup` under a test fault file (debug builds), returned once it holds its
+/// lock, with its uploads then held (`hang put`): write "" to the returned file to release them.
+/// Returns the process, the fault file and the backup's id.
+async fn backup_held_after_its_lock(pg_url: &str, archive: &str) -> (std::process::Child, PathBuf, String) {
+    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
+    std::fs::write(&faults, "").unwrap();
+    let mut running = Command::new(workspace_binary("walvault-agent").unwrap())
+        .args(["backup", "--pg-url", pg_url, "--archive", archive])
+        .env("WALVAULT_TEST_FAULTS", &faults)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let root = Path::new(archive.strip_prefix("file://").unwrap()).join("backups");
+    for _ in 0..600 {
+        let locked = std::fs::read_dir(&root).ok().and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .find(|e| e.path().join("backup.lock").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+        });
+        if let Some(id) = locked {
+            std::fs::write(&faults, "hang put").unwrap();
+            // The agent reads the fault file every 100 ms.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return (running, faults, id);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = running.kill();
+    let _ = running.wait();
+    panic!("the backup never took its lock");
+}
+
 /// Lease objects in a local archive.
 fn leases(archive: &str) -> usize {
     let dir = Path::new(archive.strip_prefix("file://").unwrap()).join("leases");
@@ -968,34 +1001,8 @@ async fn expire_racing_a_restore_and_a_backup() {
     drop(r);
 
     // A backup whose uploads hang (the fault file of debug builds) while an expire runs.
-    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
-    std::fs::write(&faults, "").unwrap();
-    let running = Command::new(workspace_binary("walvault-agent").unwrap())
-        .args(["backup", "--pg-url", &pg.url(), "--archive", &archive])
-        .env("WALVAULT_TEST_FAULTS", &faults)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (running, faults, c_id) = backup_held_after_its_lock(&pg.url(), &archive).await;
     let root = Path::new(archive.strip_prefix("file://").unwrap()).join("backups");
-    let locked = || {
-        std::fs::read_dir(&root)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| e.path().join("backup.lock").exists())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-    };
-    let mut c_id = None;
-    for _ in 0..600 {
-        c_id = locked();
-        if c_id.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let c_id = c_id.expect("the backup took its lock");
-    std::fs::write(&faults, "hang put").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, out, err) = run("walvault-agent", &["expire", "--archive", &archive, "--retain-full", "1", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert!(root.join(&c_id).join("backup.lock").exists(), "expire left the running backup alone: {out}");
@@ -1088,29 +1095,7 @@ async fn a_standby_promoted_during_its_backup_fails_the_backup_cleanly() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let faults = walvault_tests::test_root().unwrap().join(format!("faults-{:08x}", rand::random::<u32>()));
-    std::fs::write(&faults, "").unwrap();
-    let running = Command::new(workspace_binary("walvault-agent").unwrap())
-        .args(["backup", "--pg-url", &standby.url(), "--archive", &archive])
-        .env("WALVAULT_TEST_FAULTS", &faults)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let root = Path::new(archive.strip_prefix("file://").unwrap()).join("backups");
-    let mut locked = false;
-    for _ in 0..600 {
-        locked = std::fs::read_dir(&root)
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("backup.lock").exists()))
-            .unwrap_or(false);
-        if locked {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(locked, "the backup took its lock");
-    std::fs::write(&faults, "hang put").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (running, faults, _) = backup_held_after_its_lock(&standby.url(), &archive).await;
     standby.promote().unwrap();
     std::fs::write(&faults, "").unwrap();
     let done = running.wait_with_output().unwrap();
