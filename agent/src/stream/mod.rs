@@ -35,7 +35,7 @@
 //! concurrency)` sealed chunks waiting or uploading + the frames of the segment being filled +
 //! one compressed segment per consolidation in flight. With the defaults (4 MiB chunks, depth 4,
 //! concurrency 4, 16 MiB segments): at most about 4 + 8 × 4 + 2 × 16 ≈ 70 MiB for incompressible
-//! WAL, a fifth of that for ordinary WAL, whatever the rate (measured peak RSS 30–35 MiB at
+//! WAL, a fifth of that for ordinary WAL, whatever the rate (measured peak RSS 29–41 MiB at
 //! 100 MB/s of WAL); when the archive is slower than WAL, the receiver stops reading and
 //! PostgreSQL (through the slot) holds the rest.
 
