@@ -164,17 +164,7 @@ impl Writer {
         compression: Compression,
         payload: &[u8],
     ) -> Bytes {
-        let epoch = self.epoch_for(key);
-        envelope::encode_raw(
-            kind,
-            meta_json,
-            plain_len,
-            plain_crc,
-            compression,
-            payload,
-            self.seal(key, epoch.as_deref()),
-        )
-        .into()
+        self.encode_raw_parts(key, kind, meta_json, plain_len, plain_crc, compression, &[payload])
     }
 
     /// [`Writer::encode_raw`] for a payload in pieces, written into the object without joining

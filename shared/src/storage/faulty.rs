@@ -205,6 +205,8 @@ impl ObjectStore for FaultyStore {
 /// * `hang`: every call blocks until the file changes;
 /// * `list-lag SECONDS`: listings leave out objects written less than SECONDS ago.
 ///
+/// Once a command is in force, its text is written to [`applied_path`] (tests await that).
+///
 /// The binaries honour `WALVAULT_TEST_FAULTS` only in debug builds (what the tests run).
 pub fn controlled_by_file(inner: Arc<dyn ObjectStore>, path: std::path::PathBuf) -> Arc<dyn ObjectStore> {
     let store = Arc::new(FaultyStore::new(inner));
@@ -219,6 +221,8 @@ pub fn controlled_by_file(inner: Arc<dyn ObjectStore>, path: std::path::PathBuf)
                 if let Err(e) = apply_command(&store, text.trim()) {
                     tracing::error!("{}: {e}", path.display());
                 }
+                // Tell the test the command is in force (it waits for this, not for a time).
+                let _ = std::fs::write(applied_path(&path), text.trim());
                 last = Some(text);
             }
             drop(store);
@@ -226,6 +230,14 @@ pub fn controlled_by_file(inner: Arc<dyn ObjectStore>, path: std::path::PathBuf)
         }
     });
     store
+}
+
+/// Where [`controlled_by_file`] writes the command it has just put in force: the fault file's
+/// path with `.applied` appended.
+pub fn applied_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".applied");
+    p.into()
 }
 
 fn apply_command(store: &FaultyStore, cmd: &str) -> Result<(), String> {

@@ -107,15 +107,21 @@ async fn backup_held_after_its_lock(pg_url: &str, archive: &str) -> (std::proces
         });
         if let Some(id) = locked {
             std::fs::write(&faults, "hang put").unwrap();
-            // The agent reads the fault file every 100 ms.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            return (running, faults, id);
+            // In force once the agent says so (it reads the fault file every 100 ms).
+            let applied = walvault_shared::storage::faulty::applied_path(&faults);
+            for _ in 0..600 {
+                if std::fs::read_to_string(&applied).is_ok_and(|t| t == "hang put") {
+                    return (running, faults, id);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = running.kill();
     let _ = running.wait();
-    panic!("the backup never took its lock");
+    panic!("the backup never took its lock, or never put the held uploads in force");
 }
 
 /// Lease objects in a local archive.
