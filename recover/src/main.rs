@@ -66,6 +66,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // A segment the prefetcher already spooled: a rename, no runtime, no archive.
+    if let Cmd::WalFetch { archive, prefetch, walfile, dest } = &cli.cmd {
+        if let Some(code) = walfetch::serve_from_spool(archive, *prefetch, walfile, dest) {
+            return Ok(code);
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         match cli.cmd {
@@ -97,7 +103,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Cmd::WalPrefetch { archive, spool, count, after } => {
                 // Best effort, detached: failures show up when PostgreSQL asks for the segment.
-                let _ = walfetch::run_prefetch(&open(&archive).await?, &spool, count, &after).await;
+                let _ = walfetch::run_prefetch(&open(&archive).await?, &archive, &spool, count, &after).await;
                 Ok(ExitCode::SUCCESS)
             }
         }

@@ -5,9 +5,12 @@
 //!   from its chunks, contiguous from the segment's first byte, and padded with zeros to the
 //!   segment size (PostgreSQL reads zeros as the end of WAL, which is exactly where the archive
 //!   ends).
-//! * The file is written to a temporary name beside DEST, fsynced and renamed: a corrupt
-//!   object (checksum mismatch) — or, with `--verify-key`, one whose signature does not
-//!   verify — is never handed to PostgreSQL.
+//! * The file is written to a temporary name beside DEST and renamed: DEST appears whole or not
+//!   at all, and a corrupt object (checksum mismatch) — or, with `--verify-key`, one whose
+//!   signature does not verify — is never handed to PostgreSQL. DEST is not fsynced: PostgreSQL
+//!   reads it as soon as the command returns and deletes it after replay, and where it keeps a
+//!   restored segment (standby mode) it fsyncs it itself (`durable_rename`); after a crash,
+//!   recovery asks for the file again.
 //!
 //! Exit codes, chosen for what PostgreSQL does with them:
 //! * 0: DEST written;
@@ -15,17 +18,47 @@
 //! * 126: the file could not be fetched (archive unreachable, corrupt object, disk error).
 //!   PostgreSQL treats exit codes above 125 as fatal and stops recovery, instead of taking the
 //!   failure for the end of WAL and promoting early with data missing.
+//!
+//! ## Prefetch (`--prefetch N`, default 4)
+//!
+//! Replay asks for one segment at a time and waits for each; fetching the next ones while it
+//! replays hides the archive's latency and the decompression. Like pgBackRest's asynchronous
+//! archive-get, a long-lived background process (`wal-prefetch`, started by the first
+//! `wal-fetch` and again whenever none is running) keeps the N whole segments after the last
+//! one PostgreSQL asked for in a spool, `pg_wal/walvault-prefetch/` beside DEST:
+//!
+//! * `wal-fetch` of a spooled segment renames it into DEST and writes the name into
+//!   `.requested` — before opening the archive or starting an async runtime, so a spooled
+//!   segment costs a process start and a rename;
+//! * the prefetcher (one per spool: an exclusive `flock` on `.lock`) polls `.requested`,
+//!   removes spooled segments outside the window, fetches the missing ones in order (one at a
+//!   time from a local archive, two from S3), each verified like any read and written as the
+//!   local store writes (fsynced, then renamed: the disk write happens here, off replay's
+//!   path, and PostgreSQL's own fsync of the restored file finds it clean), and waits while the next segment is not yet a whole segment
+//!   in the archive (the newest, still growing one is never prefetched: `wal-fetch` assembles it
+//!   from its chunks when asked);
+//! * it exits when recovery has ended (the data directory has neither `recovery.signal` nor
+//!   `standby.signal`; it then removes the spool), when the spool is gone, or after
+//!   [`IDLE_EXIT`] without a new request.
 
-use std::path::Path;
-
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use futures::StreamExt;
 use walvault_shared::archive::names;
 use walvault_shared::archive::read::{Reader, WalListing, Want};
 use walvault_shared::wal::{SegmentName, WalFileName};
 
 use crate::cli::ArchiveArgs;
+
+/// A prefetcher with no new request for this long exits (the next `wal-fetch` starts another).
+pub const IDLE_EXIT: Duration = Duration::from_secs(20);
+/// How often an idle prefetcher looks at `.requested`.
+const POLL: Duration = Duration::from_millis(10);
+/// How long it waits before asking the archive again for a segment it does not hold yet.
+const NOT_YET: Duration = Duration::from_millis(500);
 
 pub enum Fetched {
     Written,
@@ -42,12 +75,8 @@ pub async fn content(reader: &Reader, file: &str, segment_size: u64) -> Result<O
 }
 
 async fn segment(reader: &Reader, seg: &SegmentName, segment_size: u64) -> Result<Option<Vec<u8>>> {
-    let key = names::segment(seg, segment_size);
-    if let Some(d) = reader.read_opt(&key, Want::segment(segment_size)).await? {
-        if d.content.len() as u64 != segment_size {
-            anyhow::bail!("object {key} holds {} bytes, not a whole segment of {segment_size}", d.content.len());
-        }
-        return Ok(Some(d.content));
+    if let Some(c) = whole_segment(reader, seg, segment_size).await? {
+        return Ok(Some(c));
     }
     // Chunks only: the newest, not yet complete segment (or one whose consolidation is pending).
     let objects = reader.store().list_all(&names::chunks_of(seg, segment_size)).await?;
@@ -62,8 +91,43 @@ async fn segment(reader: &Reader, seg: &SegmentName, segment_size: u64) -> Resul
     Ok(Some(out))
 }
 
-/// `wal-fetch`: serve `walfile` into `dest` (from the prefetch spool if it is there), then
-/// start the prefetcher for the segments after it. Exit 0 written, 1 not in the archive.
+/// The segment's whole-segment object, checked to hold exactly one segment.
+async fn whole_segment(reader: &Reader, seg: &SegmentName, segment_size: u64) -> Result<Option<Vec<u8>>> {
+    let key = names::segment(seg, segment_size);
+    match reader.read_opt(&key, Want::segment(segment_size)).await? {
+        Some(d) if d.content.len() as u64 != segment_size => {
+            anyhow::bail!("object {key} holds {} bytes, not a whole segment of {segment_size}", d.content.len())
+        }
+        d => Ok(d.map(|d| d.content)),
+    }
+}
+
+/// The fast path, tried before the archive is opened: serve `walfile` from the prefetch spool.
+/// `Some(exit code)` when DEST was written.
+pub fn serve_from_spool(archive: &ArchiveArgs, prefetch: u32, walfile: &str, dest: &Path) -> Option<ExitCode> {
+    if prefetch == 0 || !looks_like_segment(walfile) {
+        return None;
+    }
+    let spool = spool_dir(dest);
+    if !take_from_spool(&spool, walfile, dest) {
+        return None;
+    }
+    ensure_prefetcher(archive, &spool, walfile, prefetch);
+    Some(ExitCode::SUCCESS)
+}
+
+/// Move a spooled `walfile` into `dest` and record the request.
+fn take_from_spool(spool: &Path, walfile: &str, dest: &Path) -> bool {
+    if std::fs::rename(spool.join(walfile), dest).is_err() {
+        return false;
+    }
+    request(spool, walfile);
+    true
+}
+
+/// `wal-fetch` when the spool does not have the file: fetch it from the archive into `dest`,
+/// then (for a segment, with prefetch on) point the prefetcher at the segments after it.
+/// Exit 0 written, 1 not in the archive.
 pub async fn run(
     reader: &Reader,
     archive: &ArchiveArgs,
@@ -71,19 +135,15 @@ pub async fn run(
     walfile: &str,
     dest: &Path,
 ) -> Result<ExitCode> {
-    let spool = spool_dir(dest);
     let id = walvault_shared::archive::identity::load_existing(reader).await?;
-    let seg = SegmentName::parse(walfile, id.wal_segment_size).ok();
-    let fetched = if seg.is_some() && take_from_spool(&spool, walfile, dest) {
-        Fetched::Written
-    } else {
-        fetch(reader, walfile, dest, id.wal_segment_size).await?
-    };
-    match fetched {
+    match fetch(reader, walfile, dest, id.wal_segment_size).await? {
         Fetched::Written => {
-            if let (Some(seg), true) = (seg, prefetch > 0) {
-                prune_spool(&spool, &seg, id.wal_segment_size);
-                spawn_prefetcher(archive, &spool, walfile, prefetch);
+            if prefetch > 0 && SegmentName::parse(walfile, id.wal_segment_size).is_ok() {
+                let spool = spool_dir(dest);
+                if std::fs::create_dir_all(&spool).is_ok() {
+                    request(&spool, walfile);
+                    ensure_prefetcher(archive, &spool, walfile, prefetch);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -91,15 +151,49 @@ pub async fn run(
     }
 }
 
-/// The hidden `wal-prefetch` subcommand.
-pub async fn run_prefetch(reader: &Reader, spool: &Path, count: u32, after: &str) -> Result<u32> {
-    let id = walvault_shared::archive::identity::load_existing(reader).await?;
-    let seg = SegmentName::parse(after, id.wal_segment_size)?;
-    prefetch(reader, spool, &seg, count, id.wal_segment_size).await
+pub async fn fetch(reader: &Reader, file: &str, dest: &Path, segment_size: u64) -> Result<Fetched> {
+    match content(reader, file, segment_size).await? {
+        None => Ok(Fetched::NotInArchive),
+        Some(c) => {
+            walvault_shared::fsutil::write_renamed(dest, &c, 0o600)?;
+            Ok(Fetched::Written)
+        }
+    }
 }
 
-/// Start the background prefetcher, detached: PostgreSQL waits only for this process.
-fn spawn_prefetcher(archive: &ArchiveArgs, spool: &Path, after: &str, count: u32) {
+/// Prefetch spool for a `restore_command` whose destination is `dest` (`pg_wal/RECOVERYXLOG`):
+/// `pg_wal/walvault-prefetch/`, inside the data directory, so a rename moves a spooled segment
+/// into place without copying.
+pub fn spool_dir(dest: &Path) -> PathBuf {
+    dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("walvault-prefetch")
+}
+
+fn looks_like_segment(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Record the segment PostgreSQL asked for last (the prefetcher's window starts after it).
+fn request(spool: &Path, walfile: &str) {
+    let tmp = spool.join(".requested.tmp");
+    if std::fs::write(&tmp, walfile).is_ok() {
+        let _ = std::fs::rename(&tmp, spool.join(".requested"));
+    }
+}
+
+/// Try to take the spool's lock without blocking; `None` when another process holds it.
+fn lock_spool(spool: &Path) -> Option<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(spool.join(".lock")).ok()?;
+    // SAFETY: flock on a file descriptor we own; released when it is closed.
+    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
+}
+
+/// Start the background prefetcher unless one holds the spool's lock.
+fn ensure_prefetcher(archive: &ArchiveArgs, spool: &Path, after: &str, count: u32) {
+    match lock_spool(spool) {
+        Some(probe) => drop(probe),
+        None => return, // one is running; it reads `.requested`
+    }
     use std::os::unix::process::CommandExt;
     let (Ok(exe), Ok(args)) = (std::env::current_exe(), archive.args()) else { return };
     let mut c = std::process::Command::new(exe);
@@ -116,45 +210,88 @@ fn spawn_prefetcher(archive: &ArchiveArgs, spool: &Path, after: &str, count: u32
     let _ = c.spawn();
 }
 
-pub async fn fetch(reader: &Reader, file: &str, dest: &Path, segment_size: u64) -> Result<Fetched> {
-    match content(reader, file, segment_size).await? {
-        None => Ok(Fetched::NotInArchive),
-        Some(c) => {
-            walvault_shared::fsutil::write_atomically(dest, &c, 0o600)?;
-            Ok(Fetched::Written)
+/// The hidden `wal-prefetch` subcommand: the long-lived prefetcher (see the module docs).
+pub async fn run_prefetch(reader: &Reader, archive: &ArchiveArgs, spool: &Path, count: u32, after: &str) -> Result<()> {
+    let Some(_lock) = lock_spool(spool) else { return Ok(()) }; // another prefetcher is at work
+    let id = walvault_shared::archive::identity::load_existing(reader).await?;
+    let size = id.wal_segment_size;
+    let parallel = match walvault_shared::storage::RepoUrl::parse(&archive.archive)? {
+        walvault_shared::storage::RepoUrl::Local(_) => 1,
+        _ => 2,
+    };
+    let data_dir = spool.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let mut last = SegmentName::parse(after, size)?;
+    let mut changed = Instant::now();
+    let mut pruned = false;
+    loop {
+        if !spool.is_dir() {
+            return Ok(());
+        }
+        if data_dir.as_deref().is_some_and(recovery_ended) {
+            let _ = std::fs::remove_dir_all(spool);
+            return Ok(());
+        }
+        if let Some(r) =
+            std::fs::read_to_string(spool.join(".requested")).ok().and_then(|s| SegmentName::parse(s.trim(), size).ok())
+        {
+            if r != last {
+                (last, changed, pruned) = (r, Instant::now(), false);
+            }
+        }
+        if changed.elapsed() > IDLE_EXIT {
+            return Ok(());
+        }
+        if !pruned {
+            prune(spool, &last, count, size);
+            pruned = true;
+        }
+        let missing: Vec<SegmentName> = std::iter::successors(Some(last.next()), |s| Some(s.next()))
+            .take(count as usize)
+            .filter(|s| !spool.join(s.file_name(size)).exists())
+            .collect();
+        if missing.is_empty() {
+            tokio::time::sleep(POLL).await;
+            continue;
+        }
+        let mut fetches = futures::stream::iter(missing)
+            .map(|s| async move { (s, whole_segment(reader, &s, size).await) })
+            .buffered(parallel);
+        let mut stalled = false;
+        while let Some((s, r)) = fetches.next().await {
+            match r {
+                Ok(Some(content)) => {
+                    walvault_shared::fsutil::write_atomically(&spool.join(s.file_name(size)), &content, 0o600)?;
+                }
+                // Not (yet) a whole segment, or unreadable: wait and ask again; PostgreSQL asks
+                // wal-fetch for it directly meanwhile, which reports errors properly.
+                _ => {
+                    stalled = true;
+                    break;
+                }
+            }
+        }
+        drop(fetches);
+        if stalled {
+            tokio::time::sleep(NOT_YET).await;
         }
     }
 }
 
-/// Prefetch spool for a `restore_command` whose destination is `dest` (`pg_wal/RECOVERYXLOG`):
-/// `pg_wal/walvault-prefetch/`, inside the data directory, so a rename moves a spooled segment
-/// into place without copying.
-pub fn spool_dir(dest: &Path) -> std::path::PathBuf {
-    dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("walvault-prefetch")
+/// Recovery is over in this data directory: it is one (PG_VERSION) and has no signal file.
+fn recovery_ended(data: &Path) -> bool {
+    data.join("PG_VERSION").is_file() && !data.join("recovery.signal").exists() && !data.join("standby.signal").exists()
 }
 
-/// Serve `file` from the spool if a prefetcher already fetched it (complete and verified: files
-/// appear there only by an atomic rename after decoding).
-pub fn take_from_spool(spool: &Path, file: &str, dest: &Path) -> bool {
-    let p = spool.join(file);
-    if p.is_file() && std::fs::rename(&p, dest).is_ok() {
-        if let Some(d) = dest.parent() {
-            let _ = std::fs::File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d })
-                .and_then(|f| f.sync_all());
-        }
-        return true;
-    }
-    false
-}
-
-/// Remove spooled segments of `after`'s timeline at or before it (already replayed), and
-/// leftovers of interrupted writes.
-pub fn prune_spool(spool: &Path, after: &SegmentName, segment_size: u64) {
+/// Remove spooled segments outside the window after `last` (already replayed, another
+/// timeline, or too far ahead) and leftovers of interrupted writes.
+fn prune(spool: &Path, last: &SegmentName, count: u32, size: u64) {
     let Ok(rd) = std::fs::read_dir(spool) else { return };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let stale = match SegmentName::parse(&name, segment_size) {
-            Ok(s) => s.timeline == after.timeline && s.segno <= after.segno,
+        let stale = match SegmentName::parse(&name, size) {
+            Ok(s) => {
+                s.timeline != last.timeline || s.segno <= last.segno || s.segno.0 > last.segno.0 + u64::from(count)
+            }
             Err(_) => name.ends_with(".walvault-tmp"),
         };
         if stale {
@@ -163,49 +300,43 @@ pub fn prune_spool(spool: &Path, after: &SegmentName, segment_size: u64) {
     }
 }
 
-/// The background prefetcher: fetch up to `count` whole segments after `after` into `spool`,
-/// in parallel, skipping those already there; stop at the first one the archive does not hold
-/// as a whole segment (the newest, still growing segment is never prefetched). One prefetcher
-/// per spool at a time (an exclusive lock on `spool/.lock`).
-pub async fn prefetch(
-    reader: &Reader,
-    spool: &Path,
-    after: &SegmentName,
-    count: u32,
-    segment_size: u64,
-) -> Result<u32> {
-    std::fs::create_dir_all(spool)?;
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(spool.join(".lock"))?;
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(0); // another prefetcher is at work
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walvault_shared::lsn::{SegNo, TimelineId};
+
+    #[test]
+    fn a_spooled_segment_is_moved_into_place() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = d.path().join("walvault-prefetch");
+        std::fs::create_dir_all(&spool).unwrap();
+        let name = "000000010000000000000003";
+        std::fs::write(spool.join(name), b"x").unwrap();
+        let dest = d.path().join("RECOVERYXLOG");
+        assert_eq!(spool_dir(&dest), spool);
+        assert!(!take_from_spool(&spool, "000000010000000000000004", &dest));
+        assert!(take_from_spool(&spool, name, &dest));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"x");
+        assert!(!spool.join(name).exists());
+        assert_eq!(std::fs::read_to_string(spool.join(".requested")).unwrap(), name);
     }
-    let mut wanted = Vec::new();
-    let mut seg = *after;
-    for _ in 0..count {
-        seg = seg.next();
-        let name = seg.file_name(segment_size);
-        if !spool.join(&name).exists() {
-            wanted.push((seg, name));
+
+    #[test]
+    fn prune_keeps_only_the_window() {
+        let seg = |t, n| SegmentName::new(TimelineId(t), SegNo(n)).file_name(16 << 20);
+        let d = tempfile::tempdir().unwrap();
+        let size = 16 << 20;
+        let last = SegmentName::new(TimelineId(1), SegNo(10));
+        for (tli, segno) in [(1, 9), (1, 10), (1, 11), (1, 14), (1, 15), (2, 11)] {
+            std::fs::write(d.path().join(SegmentName::new(TimelineId(tli), SegNo(segno)).file_name(size)), b"")
+                .unwrap();
         }
+        std::fs::write(d.path().join(".x.walvault-tmp"), b"").unwrap();
+        std::fs::write(d.path().join(".requested"), b"").unwrap();
+        prune(d.path(), &last, 4, size);
+        let mut left: Vec<String> =
+            std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, vec![".requested".to_string(), seg(1, 11), seg(1, 14)]);
     }
-    let fetches = futures::future::join_all(wanted.into_iter().map(|(seg, name)| async move {
-        let key = names::segment(&seg, segment_size);
-        (name, reader.read_opt(&key, Want::segment(segment_size)).await)
-    }))
-    .await;
-    let mut n = 0;
-    for (name, r) in fetches {
-        match r {
-            Ok(Some(d)) if d.content.len() as u64 == segment_size => {
-                walvault_shared::fsutil::write_atomically(&spool.join(&name), &d.content, 0o600)?;
-                n += 1;
-            }
-            // Not (yet) a whole segment, or unreadable: PostgreSQL will ask wal-fetch for it
-            // directly, which reports errors properly.
-            _ => break,
-        }
-    }
-    Ok(n)
 }

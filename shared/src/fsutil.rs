@@ -3,7 +3,8 @@
 //! [`write_new`] writes and fsyncs a new file (never over an existing one); [`write_atomically`]
 //! does that under a temporary name beside the destination, renames it into place and fsyncs
 //! the directory, so a crash leaves the old file, the new one, or at worst a stray temporary
-//! file — never a torn one. The local object store and `wal-fetch` both write this way.
+//! file — never a torn one. The local object store writes this way. [`write_renamed`] only
+//! renames (no fsync), for files a crash makes their reader fetch again (`wal-fetch`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -30,6 +31,27 @@ pub fn write_atomically(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.walvault-tmp"));
     let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted earlier write
     let r = write_new(&tmp, data, mode).and_then(|()| std::fs::rename(&tmp, dest)).and_then(|()| fsync_dir(dir));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Write `data` to `dest` under `.<name>.walvault-tmp` and rename it into place, without any
+/// fsync: readers see the old file or the whole new one, but a crash may leave either torn.
+/// For files whose reader re-creates them after a crash (`wal-fetch`'s output and spool).
+pub fn write_renamed(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.walvault-tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let r = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data))
+        .and_then(|()| std::fs::rename(&tmp, dest));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
