@@ -82,7 +82,7 @@ else
     stream_args=(--bulk-scale 100 --seconds 20 --runs 1 --latency-seconds 15)
     backup_args=(--scale 100 --wal-mib 512 --runs 1)
     incr_args=(--scale 100 --runs 1)
-    dump_args=(--scale 100 --runs 1)
+    dump_args=(--scale 100 --runs 2)
   fi
   results=bench/RESULTS.md
 fi

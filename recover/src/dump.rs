@@ -180,6 +180,7 @@ pub async fn run(reader: &Reader, p: DumpPlan<'_>) -> Result<String> {
         lease: Some(std::time::Duration::from_secs(24 * 3600)),
         purpose: "dump",
     };
+    let t0 = Instant::now();
     let checked = restore::check(reader, &opts).await?;
     // Room for the copy.
     let plan = &checked.plan;
@@ -205,12 +206,15 @@ pub async fn run(reader: &Reader, p: DumpPlan<'_>) -> Result<String> {
     if let Some(o) = &p.owner {
         std::os::unix::fs::chown(&p.scratch, Some(o.uid), Some(o.gid))?;
     }
+    eprintln!("dump: backup {} chosen in {:.1} s", checked.plan.backup.id, t0.elapsed().as_secs_f64());
     let mut lease = None;
     let result = steps(reader, &p, &opts, checked, &mut lease).await;
+    let t1 = Instant::now();
     restore::release_lease(reader, lease.as_deref()).await;
     match result {
         Ok(summary) => {
-            let _ = std::fs::remove_dir_all(&p.scratch);
+            let _ = walvault_shared::fsutil::remove_tree_parallel(&p.scratch, 4);
+            eprintln!("dump: scratch copy removed in {:.1} s", t1.elapsed().as_secs_f64());
             Ok(summary)
         }
         Err(e) => {
@@ -309,7 +313,13 @@ async fn steps(
             a.dbname
         )
     };
-    eprintln!("dump: done in {:.1} s in all", t0.elapsed().as_secs_f64());
+    let t3 = Instant::now();
+    drop(server);
+    eprintln!(
+        "dump: server stopped in {:.1} s; {:.1} s since the restore began",
+        t3.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(summary)
 }
 

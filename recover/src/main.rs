@@ -321,6 +321,7 @@ async fn do_report(a: cli::ReportArgs) -> Result<ExitCode> {
 }
 
 async fn do_dump(a: cli::DumpArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let target = restore_target(&a.target).map_err(usage)?;
     dump::check_flags(&a).map_err(usage)?;
     let owner = Owner::resolve(a.owner.as_deref(), false, "dump")?;
@@ -330,6 +331,7 @@ async fn do_dump(a: cli::DumpArgs) -> Result<()> {
     let identity = walvault_shared::archive::identity::load_existing(&reader).await?;
     let tools = pgtools::PgTools::find(a.pg_bin.as_deref(), identity.pg_major, &dump::programs(&a))?;
     check_owner_reads_archive(owner.as_ref(), &archive)?;
+    eprintln!("dump: archive, tools and owner checked in {:.1} s", t0.elapsed().as_secs_f64());
     let plan = dump::DumpPlan {
         args: &a,
         target,

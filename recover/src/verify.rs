@@ -130,7 +130,7 @@ pub async fn drill(reader: &Reader, restore: RestoreOptions, opts: &DrillOptions
     }
     report.pass = report.failure.is_none();
     if report.pass && !opts.keep {
-        let _ = std::fs::remove_dir_all(w);
+        let _ = walvault_shared::fsutil::remove_tree_parallel(w, 4);
     } else {
         report.workdir_kept = true;
     }

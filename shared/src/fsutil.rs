@@ -58,6 +58,38 @@ pub fn write_renamed(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     r
 }
 
+/// Remove the tree at `root` like `remove_dir_all`, unlinking its files from `threads` threads:
+/// removing a restored data directory is dominated by freeing the page cache of its large
+/// relation files, which several cores do faster than one.
+pub fn remove_tree_parallel(root: &Path, threads: usize) -> io::Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        for e in std::fs::read_dir(&dirs[i])? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+        i += 1;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(f) = files.get(k) else { break };
+                let _ = std::fs::remove_file(f);
+            });
+        }
+    });
+    // What is left (directories, and anything that appeared meanwhile), deepest first.
+    std::fs::remove_dir_all(root)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +103,19 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
         assert!(write_new(&p, b"x", 0o600).is_err(), "never over an existing file");
+    }
+
+    #[test]
+    fn removes_a_whole_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("t");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        for (i, p) in ["f", "a/g", "a/b/h", "a/b/i"].iter().enumerate() {
+            std::fs::write(root.join(p), vec![0u8; i * 1000]).unwrap();
+        }
+        std::os::unix::fs::symlink("/nonexistent", root.join("a/link")).unwrap();
+        remove_tree_parallel(&root, 3).unwrap();
+        assert!(!root.exists());
+        assert!(remove_tree_parallel(&root, 3).is_err(), "a missing tree is an error, as remove_dir_all");
     }
 }

@@ -11,8 +11,9 @@
 //!    `pg_dump --table`, `pg_ctl stop`, remove the directory;
 //! 3. `pg_dump --table pgbench_branches` of the live database (for scale: no point in time).
 //!
-//! Every figure is wall time from the command to a finished dump file; `--runs` repeats and
-//! reports medians (min–max).
+//! Every figure is wall time from the command to a finished dump file and a removed scratch
+//! copy; `sync` runs before each path (untimed) so none pays for the previous one's writeback,
+//! and the two paths take turns going first. `--runs` repeats and reports medians (min–max).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -56,7 +57,15 @@ fn walvault_dump(archive: &str, target: &str, out: &Path) -> Result<f64> {
     c.args(["dump", "--archive", archive, "--target-time", target, "--table", "pgbench_branches"])
         .args(["--file", out.to_str().unwrap(), "--owner", &PgCluster::pg_user_name()])
         .args(["--scratch", scratch.join("s").to_str().unwrap()]);
-    ok(c, "walvault-recover dump")?;
+    let o = c.output().context("run walvault-recover dump")?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        bail!("walvault-recover dump: {err}");
+    }
+    // Its phases (restore, recovery, dump), for the log of the run.
+    for l in err.lines().filter(|l| l.starts_with("dump:")) {
+        eprintln!("  {l}");
+    }
     let s = t0.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(s)
@@ -76,6 +85,7 @@ async fn manual_path(archive: &str, target: &str, out: &Path) -> Result<f64> {
         "0s",
     ]);
     ok(c, "walvault-recover restore")?;
+    let t_restored = t0.elapsed().as_secs_f64();
     let pg = PgCluster::from_data_dir("bench-dump-manual", dir.clone(), data, vec![])?;
     pg.start()?;
     loop {
@@ -89,10 +99,16 @@ async fn manual_path(archive: &str, target: &str, out: &Path) -> Result<f64> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let t_paused = t0.elapsed().as_secs_f64();
     pg_dump_table(&pg, out, "pg_dump (manual path)")?;
     pg.stop("immediate")?;
+    let t_stopped = t0.elapsed().as_secs_f64();
     std::fs::remove_dir_all(&dir)?;
-    Ok(t0.elapsed().as_secs_f64())
+    let t = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "  manual: restored at {t_restored:.1} s, paused at {t_paused:.1} s, dumped and stopped at {t_stopped:.1} s, removed at {t:.1} s"
+    );
+    Ok(t)
 }
 
 fn live_dump(pg: &PgCluster, out: &Path) -> Result<f64> {
@@ -134,9 +150,26 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let out_dir = PgCluster::fresh_dir("bench-dump-out")?;
     let (mut ours, mut manual, mut live) = (Vec::new(), Vec::new(), Vec::new());
+    // Each path starts with nothing left to write back (the load, the backup, the previous
+    // path's removal), and the two paths take turns going first.
+    let settle = || {
+        // SAFETY: sync(2) has no arguments and cannot fail.
+        unsafe { libc::sync() };
+    };
     for i in 0..cli.runs {
-        ours.push(walvault_dump(&archive, &target, &out_dir.join(format!("ours-{i}.dump")))?);
-        manual.push(manual_path(&archive, &target, &out_dir.join(format!("manual-{i}.dump"))).await?);
+        let ours_out = out_dir.join(format!("ours-{i}.dump"));
+        let manual_out = out_dir.join(format!("manual-{i}.dump"));
+        if i % 2 == 0 {
+            settle();
+            ours.push(walvault_dump(&archive, &target, &ours_out)?);
+            settle();
+            manual.push(manual_path(&archive, &target, &manual_out).await?);
+        } else {
+            settle();
+            manual.push(manual_path(&archive, &target, &manual_out).await?);
+            settle();
+            ours.push(walvault_dump(&archive, &target, &ours_out)?);
+        }
         live.push(live_dump(&pg, &out_dir.join(format!("live-{i}.dump")))?);
         eprintln!(
             "run {i}: walvault dump {:.1} s, manual path {:.1} s, live pg_dump {:.2} s",

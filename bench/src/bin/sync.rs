@@ -31,6 +31,9 @@ struct Cli {
     clients: Vec<u32>,
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Only these archivers (for experiments): sync-local, sync-s3, receivewal, async.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -124,6 +127,10 @@ async fn start_archiver(mode: Mode, pg: &PgCluster, s3: &S3Server) -> Result<Arc
             c.args(["run", "--pg-url", &pg.url(), "--no-backups", "--listen", "127.0.0.1:0"]);
             if mode.synchronous() {
                 c.arg("--synchronous");
+                // Extra agent flags for the synchronous runs (tuning experiments).
+                if let Ok(extra) = std::env::var("WALVAULT_BENCH_SYNC_AGENT_ARGS") {
+                    c.args(extra.split_whitespace());
+                }
             }
             if mode == Mode::WalvaultSyncS3 {
                 let bucket = s3.new_bucket("sync").await?;
@@ -227,7 +234,15 @@ async fn main() -> Result<()> {
     let s3 = S3Server::start().await?;
     let (put50, put99) = put_latency(&s3).await?;
     let mut rows = Vec::new();
-    for mode in [Mode::WalvaultSyncLocal, Mode::WalvaultSyncS3, Mode::PgReceivewalSync, Mode::WalvaultAsync] {
+    for (mode, short) in [
+        (Mode::WalvaultSyncLocal, "sync-local"),
+        (Mode::WalvaultSyncS3, "sync-s3"),
+        (Mode::PgReceivewalSync, "receivewal"),
+        (Mode::WalvaultAsync, "async"),
+    ] {
+        if !cli.only.is_empty() && !cli.only.iter().any(|o| o == short) {
+            continue;
+        }
         rows.extend(run_mode(mode, &cli, &s3).await.with_context(|| mode.name())?);
     }
     let mut s = String::new();
