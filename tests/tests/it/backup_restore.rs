@@ -85,6 +85,36 @@ async fn restore_and_start_with_output(archive: &str, target: &[&str]) -> (PgClu
     );
 }
 
+/// Whether a `wal-prefetch` process for `spool` runs (its command line names the spool).
+fn prefetcher_running(spool: &Path) -> bool {
+    let needle = spool.display().to_string();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c).contains("wal-prefetch") && String::from_utf8_lossy(&c).contains(&needle)
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// wal-fetch's background prefetcher (`wal-prefetch --spool DATA/pg_wal/walvault-prefetch`)
+/// exits and removes its spool once recovery has ended (`why`, for the message).
+async fn prefetcher_gone_after_recovery(data: &Path, why: &str) {
+    let spool = data.join("pg_wal").join("walvault-prefetch");
+    for _ in 0..100 {
+        if !spool.exists() && !prefetcher_running(&spool) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "10 s after {why}: prefetcher running {}, spool {} present {}",
+        prefetcher_running(&spool),
+        spool.display(),
+        spool.exists()
+    );
+}
+
 /// `walvault-agent backup` under a test fault file (debug builds), returned once it holds its
 /// lock, with its uploads then held (`hang put`): write "" to the returned file to release them.
 /// Returns the process, the fault file and the backup's id.
@@ -449,6 +479,7 @@ async fn backup_during_pgbench_restores_consistent() {
     agent.wait_archived(end, Duration::from_secs(120)).await.unwrap();
     assert_eq!(agent.stop().unwrap(), 0);
     let r = restore_and_start(&archive, &["--latest"]).await;
+    prefetcher_gone_after_recovery(&r.data, "recovery ended").await;
     // pgbench's own invariant: every transaction adds the same delta to one account, teller and
     // branch, and logs it in the history.
     let sums = r
@@ -1113,4 +1144,79 @@ async fn a_standby_promoted_during_its_backup_fails_the_backup_cleanly() {
     let l: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(l["backups"].as_array().unwrap().len(), 0, "no complete backup: {l}");
     assert_eq!(agent.stop().unwrap(), 0);
+}
+
+/// `wal-fetch --prefetch N` in a data directory in recovery: the first fetch starts one
+/// background prefetcher, which spools the next N whole segments (byte for byte what wal-fetch
+/// itself serves); a spooled segment is served from the spool and the window moves on; the
+/// prefetcher exits and removes the spool when recovery ends (recovery.signal gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetcher_spools_ahead_serves_and_leaves_with_recovery() {
+    walvault_tests::init_logging();
+    let pg = PgCluster::start_new("prefetch", opts()).unwrap();
+    let (_keep, archive) = local_archive();
+    let mut agent = Agent::start(&pg.url(), &archive, &["--no-backups"]).unwrap();
+    pg.execute("CREATE TABLE t (v int)").await.unwrap();
+    let mut segs = Vec::new();
+    for i in 0..7 {
+        pg.execute(&format!("INSERT INTO t VALUES ({i})")).await.unwrap();
+        segs.push(pg.switch_wal().await.unwrap());
+    }
+    let end = flush_lsn(&pg).await;
+    agent.wait_archived(end, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(agent.stop().unwrap(), 0, "a clean stop leaves every finished segment whole");
+
+    // A stand-in data directory in recovery, as PostgreSQL's restore_command sees it.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(data.join("recovery.signal"), "").unwrap();
+    let spool = data.join("pg_wal").join("walvault-prefetch");
+    let dest = data.join("pg_wal").join("RECOVERYXLOG");
+    let fetch = |seg: &str, prefetch: &str, to: &Path| {
+        let (code, out, err) = run(
+            "walvault-recover",
+            &["wal-fetch", "--archive", &archive, "--prefetch", prefetch, seg, to.to_str().unwrap()],
+        );
+        assert_eq!(code, 0, "wal-fetch {seg}:\n{out}\n{err}");
+        std::fs::read(to).unwrap()
+    };
+    let direct = |seg: &str| fetch(seg, "0", &dir.path().join("direct"));
+
+    assert_eq!(fetch(&segs[0], "3", &dest), direct(&segs[0]));
+    assert!(!spool.join(&segs[0]).exists());
+    let spooled = |n: &[String]| n.iter().all(|s| spool.join(s).is_file());
+    for _ in 0..300 {
+        if spooled(&segs[1..4]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(spooled(&segs[1..4]), "the next 3 segments spooled");
+    assert!(!spool.join(&segs[4]).exists(), "no more than 3 ahead");
+    assert!(prefetcher_running(&spool));
+    // Served from the spool: the spooled file is moved into place, and it is the archive's.
+    let spooled_copy = std::fs::read(spool.join(&segs[1])).unwrap();
+    assert_eq!(fetch(&segs[1], "3", &dest), spooled_copy);
+    assert_eq!(spooled_copy, direct(&segs[1]));
+    assert!(!spool.join(&segs[1]).exists(), "taken from the spool");
+    for _ in 0..300 {
+        if spooled(&segs[2..5]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(spooled(&segs[2..5]), "the window moved on by one");
+    // A jump ahead (a later segment) prunes what is behind it.
+    assert_eq!(fetch(&segs[3], "3", &dest), direct(&segs[3]));
+    for _ in 0..300 {
+        if !spool.join(&segs[2]).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!spool.join(&segs[2]).exists(), "a segment before the last asked for is pruned");
+    std::fs::remove_file(data.join("recovery.signal")).unwrap();
+    prefetcher_gone_after_recovery(&data, "recovery.signal was removed").await;
 }
