@@ -88,10 +88,12 @@ else
 fi
 # With WALVAULT_BENCH_OUT, a part whose table is already there is not run again (resuming an
 # interrupted invocation with the same arguments).
+kept=()
 part() {
   local name=$1; shift
   if [ -n "${WALVAULT_BENCH_OUT:-}" ] && [ -s "$out/$name.md" ]; then
     echo "[$name: kept from $out/$name.md]"
+    kept+=("$name")
   else
     "$@" --out "$out/$name.md"
   fi
@@ -113,6 +115,9 @@ elapsed=$(( $(date +%s) - t0 ))
     echo "- every cell is one run; ratios are from this one invocation. This is a shared 2-core VM: absolute figures move between invocations (by up to about 0.2 in the ratios), compare within one file."
   else
     echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
+  fi
+  if [ ${#kept[@]} -gt 0 ]; then
+    echo "- parts kept from an earlier invocation with the same arguments (WALVAULT_BENCH_OUT): ${kept[*]}; each part's own date line says when it ran, and its ratios are within that part."
   fi
   echo
   cat "$out/stream.md"
