@@ -37,9 +37,10 @@
 //!   path, and PostgreSQL's own fsync of the restored file finds it clean), and waits while the next segment is not yet a whole segment
 //!   in the archive (the newest, still growing one is never prefetched: `wal-fetch` assembles it
 //!   from its chunks when asked);
-//! * it exits when recovery has ended (the data directory has neither `recovery.signal` nor
-//!   `standby.signal`; it then removes the spool), when the spool is gone, or after
-//!   [`IDLE_EXIT`] without a new request.
+//! * it removes the spool and exits when recovery has ended (the data directory has neither
+//!   `recovery.signal` nor `standby.signal`) or after [`IDLE_EXIT`] without a new request
+//!   (replay paused at its target, or the server stopped), and exits when the spool is gone:
+//!   nothing is left in `pg_wal` once replay is over.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,8 +54,9 @@ use walvault_shared::wal::{SegmentName, WalFileName};
 
 use crate::cli::ArchiveArgs;
 
-/// A prefetcher with no new request for this long exits (the next `wal-fetch` starts another).
-pub const IDLE_EXIT: Duration = Duration::from_secs(20);
+/// A prefetcher with no new request for this long removes the spool and exits (the next
+/// `wal-fetch` starts another).
+pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// How often an idle prefetcher looks at `.requested`.
 const POLL: Duration = Duration::from_millis(10);
 /// How long it waits before asking the archive again for a segment it does not hold yet.
@@ -239,6 +241,8 @@ pub async fn run_prefetch(reader: &Reader, archive: &ArchiveArgs, spool: &Path, 
             }
         }
         if changed.elapsed() > IDLE_EXIT {
+            // Replay paused or stopped: the spool is a cache, not worth leaving in pg_wal.
+            let _ = std::fs::remove_dir_all(spool);
             return Ok(());
         }
         if !pruned {
