@@ -10,6 +10,8 @@
 #                           (1.5 GiB), writes bench/RESULTS.md (about 30 minutes)
 #   bench/run.sh --quick    small workloads, one run each, writes $TMPDIR/walvault-bench-quick.md
 #                           (a smoke test: about 4 minutes)
+#   bench/run.sh --soak     the agents' memory over 60 minutes of OLTP (WALVAULT_SOAK_MINUTES),
+#                           local and S3 at once: RSS at the end against 5 minutes, bench/SOAK.md
 #
 # What is compared (module docs of bench/src/main.rs and bench/src/bin/backup.rs say how):
 #   1. WAL archiving under a bulk load and under OLTP: walvault-agent (local dir and S3) vs
@@ -29,8 +31,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
 single=0
+soak=0
 [ "${1:-}" = "--quick" ] && quick=1
 [ "${1:-}" = "--single" ] && single=1
+[ "${1:-}" = "--soak" ] && soak=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walvault-target}
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
@@ -59,6 +63,13 @@ cleanup() {
   rm -rf "$WALVAULT_TEST_DIR"
 }
 trap cleanup EXIT
+
+if [ $soak = 1 ]; then
+  # The agents' memory over a long OLTP run (issue #16): WALVAULT_SOAK_MINUTES (default 60)
+  # against the first 5 minutes; writes bench/SOAK.md.
+  "$CARGO_TARGET_DIR/debug/walvault-bench-soak" --minutes "${WALVAULT_SOAK_MINUTES:-60}" --out bench/SOAK.md
+  exit 0
+fi
 
 # WALVAULT_BENCH_OUT keeps each part's table (e.g. to read the parts of an interrupted run).
 out=${WALVAULT_BENCH_OUT:-$WALVAULT_TEST_DIR/out}
