@@ -67,7 +67,15 @@ trap cleanup EXIT
 if [ $soak = 1 ]; then
   # The agents' memory over a long OLTP run (issue #16): WALVAULT_SOAK_MINUTES (default 60)
   # against the first 5 minutes; writes bench/SOAK.md.
-  "$CARGO_TARGET_DIR/debug/walvault-bench-soak" --minutes "${WALVAULT_SOAK_MINUTES:-60}" --out bench/SOAK.md
+  "$CARGO_TARGET_DIR/debug/walvault-bench-soak" --minutes "${WALVAULT_SOAK_MINUTES:-60}" --out "$WALVAULT_TEST_DIR/soak.md"
+  {
+    echo "# walvault soak result"
+    echo
+    echo "- machine: $(nproc) cores, $(uname -sr); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); walvault release builds"
+    echo "- command: \`WALVAULT_SOAK_MINUTES=${WALVAULT_SOAK_MINUTES:-60} bench/run.sh --soak\`"
+    echo
+    cat "$WALVAULT_TEST_DIR/soak.md"
+  } > bench/SOAK.md
   exit 0
 fi
 
