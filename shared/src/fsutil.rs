@@ -4,7 +4,7 @@
 //! does that under a temporary name beside the destination, renames it into place and fsyncs
 //! the directory, so a crash leaves the old file, the new one, or at worst a stray temporary
 //! file — never a torn one. The local object store writes this way. [`write_renamed`] only
-//! renames (no fsync), for files a crash makes their reader fetch again (`wal-fetch`).
+//! renames (no fsync), for a file a crash makes its reader ask for again (`wal-fetch`'s output).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -26,32 +26,28 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Write `data` to `dest` atomically: `.<name>.walvault-tmp` beside it, fsync, rename, fsync
 /// the directory. The temporary file is removed if anything fails.
 pub fn write_atomically(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.walvault-tmp"));
-    let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted earlier write
-    let r = write_new(&tmp, data, mode).and_then(|()| std::fs::rename(&tmp, dest)).and_then(|()| fsync_dir(dir));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    write_via_temp(dest, data, mode, true)
 }
 
 /// Write `data` to `dest` under `.<name>.walvault-tmp` and rename it into place, without any
 /// fsync: readers see the old file or the whole new one, but a crash may leave either torn.
-/// For files whose reader re-creates them after a crash (`wal-fetch`'s output and spool).
+/// For a file whose reader asks for it again after a crash (`wal-fetch`'s output).
 pub fn write_renamed(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_via_temp(dest, data, mode, false)
+}
+
+fn write_via_temp(dest: &Path, data: &[u8], mode: u32, sync: bool) -> io::Result<()> {
     let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.walvault-tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let r = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(data))
-        .and_then(|()| std::fs::rename(&tmp, dest));
+    let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted earlier write
+    let written = if sync {
+        write_new(&tmp, data, mode)
+    } else {
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).and_then(|mut f| f.write_all(data))
+    };
+    let r =
+        written.and_then(|()| std::fs::rename(&tmp, dest)).and_then(|()| if sync { fsync_dir(dir) } else { Ok(()) });
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -101,6 +97,8 @@ mod tests {
         write_atomically(&p, b"one", 0o600).unwrap();
         write_atomically(&p, b"two", 0o600).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        write_renamed(&p, b"three", 0o600).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"three");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
         assert!(write_new(&p, b"x", 0o600).is_err(), "never over an existing file");
     }

@@ -75,3 +75,24 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// Check `cond` every 100 ms until it holds or `timeout` has passed; whether it held.
+pub async fn eventually(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether the agent put the fault command `cmd` of the fault file `faults` in force within
+/// `timeout` (it writes the command to `<faults>.applied` once it is).
+pub async fn fault_applied(faults: &std::path::Path, cmd: &str, timeout: std::time::Duration) -> bool {
+    let applied = walvault_shared::storage::faulty::applied_path(faults);
+    eventually(timeout, || std::fs::read_to_string(&applied).is_ok_and(|t| t == cmd)).await
+}

@@ -619,14 +619,10 @@ async fn injected_store_faults_under_pgbench_lose_nothing() {
     std::fs::write(&faults, "").unwrap();
     // The lagging listing must be over before the clean stop's sweep can see every chunk (with
     // it in force, chunks it hides stay for the next start to remove, by design).
-    let applied = walvault_shared::storage::faulty::applied_path(&faults);
-    for _ in 0..100 {
-        if std::fs::read_to_string(&applied).is_ok_and(|t| t.is_empty()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(std::fs::read_to_string(&applied).unwrap(), "", "the agent took the cleared fault file within 10 s");
+    assert!(
+        walvault_tests::fault_applied(&faults, "", Duration::from_secs(10)).await,
+        "the agent took the cleared fault file within 10 s"
+    );
     assert!(load.join().unwrap().status.success());
     pg.switch_wal().await.unwrap();
     let end = flush_lsn(&pg).await;

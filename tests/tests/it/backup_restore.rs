@@ -101,11 +101,8 @@ fn prefetcher_running(spool: &Path) -> bool {
 /// exits and removes its spool once recovery has ended (`why`, for the message).
 async fn prefetcher_gone_after_recovery(data: &Path, why: &str) {
     let spool = data.join("pg_wal").join("walvault-prefetch");
-    for _ in 0..100 {
-        if !spool.exists() && !prefetcher_running(&spool) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if walvault_tests::eventually(Duration::from_secs(10), || !spool.exists() && !prefetcher_running(&spool)).await {
+        return;
     }
     panic!(
         "10 s after {why}: prefetcher running {}, spool {} present {}",
@@ -138,12 +135,8 @@ async fn backup_held_after_its_lock(pg_url: &str, archive: &str) -> (std::proces
         if let Some(id) = locked {
             std::fs::write(&faults, "hang put").unwrap();
             // In force once the agent says so (it reads the fault file every 100 ms).
-            let applied = walvault_shared::storage::faulty::applied_path(&faults);
-            for _ in 0..600 {
-                if std::fs::read_to_string(&applied).is_ok_and(|t| t == "hang put") {
-                    return (running, faults, id);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if walvault_tests::fault_applied(&faults, "hang put", Duration::from_secs(12)).await {
+                return (running, faults, id);
             }
             break;
         }
@@ -1187,13 +1180,8 @@ async fn prefetcher_spools_ahead_serves_and_leaves_with_recovery() {
     assert_eq!(fetch(&segs[0], "3", &dest), direct(&segs[0]));
     assert!(!spool.join(&segs[0]).exists());
     let spooled = |n: &[String]| n.iter().all(|s| spool.join(s).is_file());
-    for _ in 0..300 {
-        if spooled(&segs[1..4]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(spooled(&segs[1..4]), "the next 3 segments spooled");
+    let wait = Duration::from_secs(30);
+    assert!(walvault_tests::eventually(wait, || spooled(&segs[1..4])).await, "the next 3 segments spooled");
     assert!(!spool.join(&segs[4]).exists(), "no more than 3 ahead");
     assert!(prefetcher_running(&spool));
     // Served from the spool: the spooled file is moved into place, and it is the archive's.
@@ -1201,22 +1189,13 @@ async fn prefetcher_spools_ahead_serves_and_leaves_with_recovery() {
     assert_eq!(fetch(&segs[1], "3", &dest), spooled_copy);
     assert_eq!(spooled_copy, direct(&segs[1]));
     assert!(!spool.join(&segs[1]).exists(), "taken from the spool");
-    for _ in 0..300 {
-        if spooled(&segs[2..5]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(spooled(&segs[2..5]), "the window moved on by one");
+    assert!(walvault_tests::eventually(wait, || spooled(&segs[2..5])).await, "the window moved on by one");
     // A jump ahead (a later segment) prunes what is behind it.
     assert_eq!(fetch(&segs[3], "3", &dest), direct(&segs[3]));
-    for _ in 0..300 {
-        if !spool.join(&segs[2]).exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!spool.join(&segs[2]).exists(), "a segment before the last asked for is pruned");
+    assert!(
+        walvault_tests::eventually(wait, || !spool.join(&segs[2]).exists()).await,
+        "a segment before the last asked for is pruned"
+    );
     std::fs::remove_file(data.join("recovery.signal")).unwrap();
     prefetcher_gone_after_recovery(&data, "recovery.signal was removed").await;
 }
