@@ -27,9 +27,10 @@
 //! `wal-fetch` and again whenever none is running) keeps the N whole segments after the last
 //! one PostgreSQL asked for in a spool, `pg_wal/walvault-prefetch/` beside DEST:
 //!
-//! * `wal-fetch` of a spooled segment renames it into DEST and writes the name into
-//!   `.requested` — before opening the archive or starting an async runtime, so a spooled
-//!   segment costs a process start and a rename;
+//! * `wal-fetch` of a spooled segment writes its name into `.requested`, then renames it into
+//!   DEST (in that order, so the prefetcher never sees a hole to fill in its old window) —
+//!   before opening the archive or starting an async runtime, so a spooled segment costs a
+//!   process start and a rename;
 //! * the prefetcher (one per spool: an exclusive `flock` on `.lock`) polls `.requested`,
 //!   removes spooled segments outside the window, fetches the missing ones in order (one at a
 //!   time from a local archive, two from S3), each verified like any read and written as the
@@ -118,13 +119,18 @@ pub fn serve_from_spool(archive: &ArchiveArgs, prefetch: u32, walfile: &str, des
     Some(ExitCode::SUCCESS)
 }
 
-/// Move a spooled `walfile` into `dest` and record the request.
+/// Record the request, then move a spooled `walfile` into `dest`.
+///
+/// The request comes first: were the file renamed away first, a prefetcher still working from
+/// the previous request would see a hole in its window and fetch `walfile` again. The prefetcher
+/// keeps the requested segment itself while it is the last one asked for (see [`prune`]), so
+/// the rename still finds it.
 fn take_from_spool(spool: &Path, walfile: &str, dest: &Path) -> bool {
-    if std::fs::rename(spool.join(walfile), dest).is_err() {
+    if !spool.join(walfile).is_file() {
         return false;
     }
     request(spool, walfile);
-    true
+    std::fs::rename(spool.join(walfile), dest).is_ok()
 }
 
 /// `wal-fetch` when the spool does not have the file: fetch it from the archive into `dest`,
@@ -286,7 +292,7 @@ fn recovery_ended(data: &Path) -> bool {
     data.join("PG_VERSION").is_file() && !data.join("recovery.signal").exists() && !data.join("standby.signal").exists()
 }
 
-/// Remove spooled segments outside the window after `last` (already replayed, another
+/// Remove spooled segments outside `last` and the window after it (already replayed, another
 /// timeline, or too far ahead) and leftovers of interrupted writes.
 fn prune(spool: &Path, last: &SegmentName, count: u32, size: u64) {
     let Ok(rd) = std::fs::read_dir(spool) else { return };
@@ -294,7 +300,8 @@ fn prune(spool: &Path, last: &SegmentName, count: u32, size: u64) {
         let name = e.file_name().to_string_lossy().into_owned();
         let stale = match SegmentName::parse(&name, size) {
             Ok(s) => {
-                s.timeline != last.timeline || s.segno <= last.segno || s.segno.0 > last.segno.0 + u64::from(count)
+                // The last one asked for stays: wal-fetch renames it away right after asking.
+                s.timeline != last.timeline || s.segno < last.segno || s.segno.0 > last.segno.0 + u64::from(count)
             }
             Err(_) => name.ends_with(".walvault-tmp"),
         };
@@ -341,6 +348,6 @@ mod tests {
         let mut left: Vec<String> =
             std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, vec![".requested".to_string(), seg(1, 11), seg(1, 14)]);
+        assert_eq!(left, vec![".requested".to_string(), seg(1, 10), seg(1, 11), seg(1, 14)]);
     }
 }
