@@ -163,6 +163,12 @@ struct Pending {
     seen: bool,
 }
 
+/// The size and CRC32C of a reconstructed file, computed while it was completed (its blocks in
+/// order: those written from newer backups read back, the rest from the stream as it is
+/// written), keyed by the file's (device, inode) so that a path through a tablespace link finds
+/// it. The manifest of the combined restore uses them instead of reading every file again.
+pub type Checksums = HashMap<(u64, u64), (u64, u32)>;
+
 /// The reconstruction of one chain, across its backups' tar streams.
 pub struct Combiner {
     g: Geometry,
@@ -170,6 +176,8 @@ pub struct Combiner {
     pending: HashMap<(String, PathBuf), Pending>,
     /// Every file reconstructed: (archive name, path in the archive).
     pub reconstructed: Vec<(String, PathBuf)>,
+    /// Size and CRC32C of every file finished so far.
+    pub checksums: Checksums,
     buf: Vec<u8>,
 }
 
@@ -178,7 +186,13 @@ impl Combiner {
         if !g.blcksz.is_power_of_two() || !(1024..=32768).contains(&g.blcksz) || g.relseg == 0 {
             bail!("backup description gives an impossible block size {} or segment size {}", g.blcksz, g.relseg);
         }
-        Ok(Combiner { g, pending: HashMap::new(), reconstructed: Vec::new(), buf: vec![0; 1 << 20] })
+        Ok(Combiner {
+            g,
+            pending: HashMap::new(),
+            reconstructed: Vec::new(),
+            checksums: HashMap::new(),
+            buf: vec![0; 1 << 20],
+        })
     }
 
     pub fn pending(&self) -> usize {
@@ -201,23 +215,19 @@ impl Combiner {
         let h = IncrementalHeader::read(entry, size, self.g, &name)?;
         let out = safe_path(dest, target)?;
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&out)
             .with_context(|| format!("create {}", out.display()))?;
-        let bs = self.g.blcksz as u64;
         let mut written = BTreeSet::new();
-        let block = &mut self.buf[..bs as usize];
-        for b in &h.blocks {
-            entry.read_exact(block).with_context(|| format!("read {name}"))?;
-            file.write_all_at(block, *b as u64 * bs).with_context(|| format!("write {}", out.display()))?;
-            written.insert(*b);
-        }
+        copy_blocks(entry, &h.blocks, |b| written.insert(b), &file, self.g, &mut self.buf, &name, &out)?;
         let p = Pending { path: out, truncation: h.truncation, output_blocks: h.output_blocks(), written, seen: false };
         if p.truncation == 0 || (0..p.truncation).all(|b| p.written.contains(&b)) {
-            finish_file(&file, &p, 0, self.g, &mut self.buf)?;
+            let crc = finish_file(&file, &p, 0, 0, self.g, &mut self.buf)?;
+            record(&mut self.checksums, &file, &p, crc, self.g)?;
         } else {
             self.pending.insert((archive.to_string(), target.to_path_buf()), p);
         }
@@ -242,7 +252,6 @@ impl Combiner {
             p.seen = false;
         }
         let mut ar = tar::Archive::new(stream);
-        let bs = self.g.blcksz as u64;
         for entry in ar.entries().with_context(|| format!("read backup {backup_id}'s {archive}"))? {
             let mut entry = entry.with_context(|| format!("read backup {backup_id}'s {archive}"))?;
             if entry.header().entry_type() != tar::EntryType::Regular {
@@ -258,6 +267,7 @@ impl Combiner {
             let Some(p) = self.pending.get_mut(&key) else { continue };
             p.seen = true;
             let file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&p.path)
@@ -271,22 +281,19 @@ impl Combiner {
                     );
                 }
                 let h = IncrementalHeader::read(&mut entry, size, self.g, &name)?;
-                let block = &mut self.buf[..bs as usize];
-                for b in &h.blocks {
-                    entry.read_exact(block).with_context(|| format!("read {name}"))?;
-                    if *b < p.truncation && p.written.insert(*b) {
-                        file.write_all_at(block, *b as u64 * bs)
-                            .with_context(|| format!("write {}", p.path.display()))?;
-                    }
-                }
+                let (truncation, written) = (p.truncation, &mut p.written);
+                let keep = |b: u32| b < truncation && written.insert(b);
+                copy_blocks(&mut entry, &h.blocks, keep, &file, self.g, &mut self.buf, &name, &p.path)?;
                 if (0..p.truncation).all(|b| p.written.contains(&b)) {
                     let p = self.pending.remove(&key).expect("present");
-                    finish_file(&file, &p, 0, self.g, &mut self.buf)?;
+                    let crc = finish_file(&file, &p, 0, 0, self.g, &mut self.buf)?;
+                    record(&mut self.checksums, &file, &p, crc, self.g)?;
                 }
             } else {
                 let p = self.pending.remove(&key).expect("present");
-                let have = fill_from_whole(&file, &p, &mut entry, size, self.g, &mut self.buf, &name)?;
-                finish_file(&file, &p, have, self.g, &mut self.buf)?;
+                let (have, crc) = fill_from_whole(&file, &p, &mut entry, size, self.g, &mut self.buf, &name)?;
+                let crc = finish_file(&file, &p, have, crc, self.g, &mut self.buf)?;
+                record(&mut self.checksums, &file, &p, crc, self.g)?;
             }
         }
         // Every file still pending must appear (whole or incremental) in every older backup.
@@ -306,17 +313,75 @@ impl Combiner {
         Ok(())
     }
 
-    /// After the full backup: nothing may remain pending.
-    pub fn finish(self) -> Result<Vec<(String, PathBuf)>> {
+    /// After the full backup: nothing may remain pending. Returns the checksums of the
+    /// reconstructed files.
+    pub fn finish(self) -> Result<Checksums> {
         if let Some(((a, t), _)) = self.pending.iter().next() {
             bail!("{a}: {} could not be reconstructed: no backup of the chain holds its older blocks", t.display());
         }
-        Ok(self.reconstructed)
+        Ok(self.checksums)
     }
 }
 
+/// Remember a finished file's size and CRC32C under its (device, inode).
+fn record(sums: &mut Checksums, file: &std::fs::File, p: &Pending, crc: u32, g: Geometry) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().with_context(|| format!("stat {}", p.path.display()))?;
+    sums.insert((m.dev(), m.ino()), (p.output_blocks as u64 * g.blcksz as u64, crc));
+    Ok(())
+}
+
+/// Read the blocks `blocks` of an `INCREMENTAL.*` file from `entry` (just after its header) and
+/// write those that `keep` accepts at their offsets in `file`: consecutive kept blocks in one
+/// write of up to `buf`'s size.
+#[allow(clippy::too_many_arguments)]
+fn copy_blocks(
+    entry: &mut impl Read,
+    blocks: &[u32],
+    mut keep: impl FnMut(u32) -> bool,
+    file: &std::fs::File,
+    g: Geometry,
+    buf: &mut [u8],
+    name: &str,
+    out: &Path,
+) -> Result<()> {
+    let bs = g.blcksz as usize;
+    let per = buf.len() / bs;
+    // The run being gathered in `buf`: its first block and length.
+    let mut run: Option<(u32, usize)> = None;
+    let flush = |run: (u32, usize), buf: &[u8]| {
+        file.write_all_at(&buf[..run.1 * bs], run.0 as u64 * bs as u64)
+            .with_context(|| format!("write {}", out.display()))
+    };
+    for &b in blocks {
+        let kept = keep(b);
+        if let Some(r) = run {
+            if !kept || b != r.0 + r.1 as u32 || r.1 == per {
+                flush(r, buf)?;
+                run = None;
+            }
+        }
+        if kept {
+            let (first, n) = run.unwrap_or((b, 0));
+            entry.read_exact(&mut buf[n * bs..(n + 1) * bs]).with_context(|| format!("read {name}"))?;
+            run = Some((first, n + 1));
+        } else {
+            let skipped = std::io::copy(&mut entry.take(bs as u64), &mut std::io::sink())
+                .with_context(|| format!("read {name}"))?;
+            if skipped != bs as u64 {
+                bail!("read {name}: cut short");
+            }
+        }
+    }
+    if let Some(r) = run {
+        flush(r, buf)?;
+    }
+    Ok(())
+}
+
 /// From a whole file of `size` bytes (read from `entry`): every block below the truncation
-/// length not written yet, in runs. Returns how many blocks it covered.
+/// length not written yet, in runs. Returns how many blocks it covered and the CRC32C of those
+/// blocks as the output file now holds them (blocks from newer backups are read back).
 fn fill_from_whole(
     file: &std::fs::File,
     p: &Pending,
@@ -325,50 +390,77 @@ fn fill_from_whole(
     g: Geometry,
     buf: &mut [u8],
     name: &str,
-) -> Result<u32> {
+) -> Result<(u32, u32)> {
     let bs = g.blcksz as u64;
     if size % bs != 0 {
         bail!("{name} is {size} bytes, not a whole number of {bs}-byte blocks");
     }
     let have = ((size / bs) as u32).min(p.truncation);
     let mut b = 0u32;
+    let mut crc = 0u32;
     while b < have {
         let n = ((buf.len() as u64 / bs) as u32).min(have - b);
         let chunk = &mut buf[..(n as u64 * bs) as usize];
         entry.read_exact(chunk).with_context(|| format!("read {name}"))?;
-        // Runs of blocks not written yet.
-        let mut i = 0u32;
-        while i < n {
-            if p.written.contains(&(b + i)) {
-                i += 1;
-                continue;
+        // Blocks not written yet go to the file; blocks newer backups wrote are read back over
+        // their stale copies, so the chunk is what the file now holds.
+        for (from, to, newer) in runs(b, n, &p.written) {
+            let (at, range) = ((b + from) as u64 * bs, (from as u64 * bs) as usize..(to as u64 * bs) as usize);
+            if newer {
+                file.read_exact_at(&mut chunk[range], at).with_context(|| format!("read back {}", p.path.display()))?;
+            } else {
+                file.write_all_at(&chunk[range], at).with_context(|| format!("write {}", p.path.display()))?;
             }
-            let run_start = i;
-            while i < n && !p.written.contains(&(b + i)) {
-                i += 1;
-            }
-            let (from, to) = ((run_start as u64 * bs) as usize, (i as u64 * bs) as usize);
-            file.write_all_at(&chunk[from..to], (b + run_start) as u64 * bs)
-                .with_context(|| format!("write {}", p.path.display()))?;
         }
+        crc = crc32c::crc32c_append(crc, chunk);
         b += n;
     }
-    Ok(have)
+    Ok((have, crc))
 }
 
 /// Complete a reconstructed file: zeros for every block below its output length that no
-/// backup supplied (blocks below `whole` came from a whole file), then its exact length.
-fn finish_file(file: &std::fs::File, p: &Pending, whole: u32, g: Geometry, buf: &mut [u8]) -> Result<()> {
+/// backup supplied (blocks below `whole` came from a whole file, `crc` is theirs), then its
+/// exact length. Returns the whole file's CRC32C (blocks written earlier are read back).
+fn finish_file(
+    file: &std::fs::File,
+    p: &Pending,
+    whole: u32,
+    mut crc: u32,
+    g: Geometry,
+    buf: &mut [u8],
+) -> Result<u32> {
     let bs = g.blcksz as u64;
-    let zeros = &mut buf[..bs as usize];
-    zeros.fill(0);
-    for b in whole..p.output_blocks {
-        if !p.written.contains(&b) {
-            file.write_all_at(zeros, b as u64 * bs).with_context(|| format!("write {}", p.path.display()))?;
+    let mut b = whole;
+    while b < p.output_blocks {
+        let n = ((buf.len() as u64 / bs) as u32).min(p.output_blocks - b);
+        let chunk = &mut buf[..(n as u64 * bs) as usize];
+        for (from, to, written) in runs(b, n, &p.written) {
+            let (at, range) = ((b + from) as u64 * bs, (from as u64 * bs) as usize..(to as u64 * bs) as usize);
+            if written {
+                file.read_exact_at(&mut chunk[range], at).with_context(|| format!("read back {}", p.path.display()))?;
+            } else {
+                chunk[range.clone()].fill(0);
+                file.write_all_at(&chunk[range], at).with_context(|| format!("write {}", p.path.display()))?;
+            }
         }
+        crc = crc32c::crc32c_append(crc, chunk);
+        b += n;
     }
     file.set_len(p.output_blocks as u64 * bs).with_context(|| format!("truncate {}", p.path.display()))?;
-    Ok(())
+    Ok(crc)
+}
+
+/// The blocks `b..b + n` as runs `(from, to, in written)`, relative to `b`.
+fn runs(b: u32, n: u32, written: &BTreeSet<u32>) -> Vec<(u32, u32, bool)> {
+    let mut out: Vec<(u32, u32, bool)> = Vec::new();
+    for i in 0..n {
+        let w = written.contains(&(b + i));
+        match out.last_mut() {
+            Some((_, to, v)) if *v == w => *to = i + 1,
+            _ => out.push((i, i + 1, w)),
+        }
+    }
+    out
 }
 
 /// `backup_label` without the `INCREMENTAL FROM` lines (what pg_combinebackup writes).
@@ -459,6 +551,11 @@ mod tests {
             (vec![1, 2, 3, 4, 5, 6], vec![(vec![(5, 9)], 2), (vec![(3, 8)], 6)]),
             // Extended past the full file: the gap is zeros.
             (vec![1, 2], vec![(vec![(6, 9)], 4)]),
+            // Runs of consecutive blocks, some already written by the newer backup.
+            (
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+                vec![(vec![(2, 9), (3, 9), (4, 9)], 8), (vec![(1, 7), (2, 7), (3, 7), (5, 7), (6, 7)], 8)],
+            ),
             // Truncated to nothing and regrown.
             (vec![1, 2, 3], vec![(vec![(0, 5), (2, 6)], 0)]),
         ];
@@ -483,9 +580,16 @@ mod tests {
             }
             let fulltar = tar_of(&[("base/5/16384", whole(&full)), ("base/5/dropped", whole(&[7]))]);
             c.feed_older("base.tar", false, true, "full", &fulltar[..]).unwrap();
-            c.finish().unwrap();
+            let sums = c.finish().unwrap();
             let got = std::fs::read(t.path().join("base/5/16384")).unwrap();
             assert_eq!(got, reference(&chain, &full), "case {n}");
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(t.path().join("base/5/16384")).unwrap();
+            assert_eq!(
+                sums.get(&(m.dev(), m.ino())),
+                Some(&(got.len() as u64, crc32c::crc32c(&got))),
+                "case {n}: the checksum computed while combining is the file's"
+            );
             assert!(!t.path().join("base/5/dropped").exists(), "files only in older backups are not restored");
         }
     }

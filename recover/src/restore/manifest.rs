@@ -1,6 +1,7 @@
 //! The `backup_manifest` of a combined restore: the newest backup's manifest with each
-//! `INCREMENTAL.<name>` entry replaced by `<name>` as reconstructed (its size and CRC32C read
-//! back from disk) and `backup_label` as rewritten, in PostgreSQL's manifest format (version 2,
+//! `INCREMENTAL.<name>` entry replaced by `<name>` as reconstructed (its size and CRC32C as the
+//! combine computed them while completing the file, [`combine::Checksums`]; read back from disk
+//! for any file it has no figures for) and `backup_label` as rewritten, in PostgreSQL's manifest format (version 2,
 //! `System-Identifier`, the newest backup's `WAL-Ranges`, and the SHA-256 `Manifest-Checksum`
 //! over everything before its line), so `pg_verifybackup` checks it like a plain backup.
 //!
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use sha2::Digest;
 
-use super::combine::{is_relation_dir, PREFIX};
+use super::combine::{self, is_relation_dir, PREFIX};
 
 /// CRC32C of a file, as a manifest spells it.
 pub fn crc32c_file(path: &Path) -> Result<(u64, String)> {
@@ -53,9 +54,20 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serialises")
 }
 
+/// Size and CRC32C of a restored file: from `known` when it holds the file (same device, inode
+/// and size), else read from disk.
+fn size_and_crc(path: &Path, known: &combine::Checksums) -> Result<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    match known.get(&(m.dev(), m.ino())) {
+        Some((size, crc)) if *size == m.len() => Ok((*size, hex::encode(crc.to_le_bytes()))),
+        _ => crc32c_file(path),
+    }
+}
+
 /// Build the combined restore's manifest from the newest backup's `manifest` and the restored
 /// files under `pgdata` (tablespaces through its `pg_tblspc` links).
-pub fn combined(manifest: &[u8], pgdata: &Path) -> Result<Vec<u8>> {
+pub fn combined(manifest: &[u8], pgdata: &Path, known: &combine::Checksums) -> Result<Vec<u8>> {
     let v: Value = serde_json::from_slice(manifest).context("parse the newest backup's backup_manifest")?;
     if v.get("PostgreSQL-Backup-Manifest-Version").and_then(Value::as_u64) != Some(2) {
         bail!("the newest backup's manifest is not a version 2 manifest");
@@ -76,7 +88,7 @@ pub fn combined(manifest: &[u8], pgdata: &Path) -> Result<Vec<u8>> {
         };
         match recomputed {
             Some(p) => {
-                let (size, crc) = crc32c_file(&pgdata.join(&p))?;
+                let (size, crc) = size_and_crc(&pgdata.join(&p), known)?;
                 out.push_str(&format!(
                     "{{ \"Path\": {}, \"Size\": {size}, \"Last-Modified\": {}, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"{crc}\" }}",
                     json_str(&p),
@@ -165,7 +177,7 @@ mod tests {
 ],
 "Manifest-Checksum": "x"}
 "#;
-        let out = String::from_utf8(combined(m, t.path()).unwrap()).unwrap();
+        let out = String::from_utf8(combined(m, t.path(), &Default::default()).unwrap()).unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["Files"][1]["Path"], "base/5/1");
         assert_eq!(v["Files"][1]["Size"], 8192);
