@@ -22,12 +22,17 @@
 //!    (with `lchown`, never `chown` the program).
 //!
 //! An incremental backup restores with its chain ([`combine`]): in step 4, every member's parts
-//! are listed with their recorded sizes and every incremental member is read once in full
-//! (checksums, signatures, decryption, and each `INCREMENTAL.*` header), so that a missing or
-//! damaged member stops the restore before anything is written; in step 5 the newest backup is
-//! unpacked and the older ones, newest first, supply only the blocks still missing, each block
-//! written once; in step 6 `backup_label` loses its `INCREMENTAL FROM` lines and a new
-//! `backup_manifest` describes the reconstructed files ([`manifest`]).
+//! are listed with their recorded sizes and every part of every incremental member is read once
+//! and checked as stored, without decompressing or decrypting it (header checksum, signature
+//! with `--verify-key`, the payload's checksum and signed SHA-256, and the plain length and
+//! CRC its description records; encrypted parts' epoch keys unwrapped), so that a missing,
+//! damaged or replaced member stops the restore before anything is written; in step 5 the
+//! newest backup is unpacked and the older ones, newest first, supply only the blocks still
+//! missing, each block written once (the `INCREMENTAL.*` headers are checked as they are read:
+//! a malformed one, which only a faulty server could have sent under a valid checksum, stops
+//! the restore there); in step 6 `backup_label` loses its `INCREMENTAL FROM` lines and a new
+//! `backup_manifest` describes the reconstructed files ([`manifest`]), with the CRC32C the
+//! combine computed while completing each file. Each phase's time is printed on stderr.
 
 pub mod combine;
 pub mod conf;

@@ -33,7 +33,7 @@ async fn ids(pg: &PgCluster) -> Vec<i32> {
 
 /// A key pair from the stock `age-keygen`: (identity file, readable by the PostgreSQL user
 /// whose restore_command uses it; recipient `age1…`).
-fn age_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn age_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out =
         std::process::Command::new("age-keygen").arg("-o").arg(&path).output().expect("age-keygen (apt install age)");
