@@ -435,12 +435,12 @@ async fn write(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Resu
     }
     // Older members of the chain, newest first, for the blocks still missing.
     if let Some(c) = &combiner {
-        eprintln!(
+        progress.note(&format!(
             "restore: newest backup {} unpacked in {:.1} s; {} files wait for older blocks",
             backup.id,
             t0.elapsed().as_secs_f64(),
             c.pending()
-        );
+        ));
     }
     for older in plan.chain.iter().rev().skip(1) {
         let Some(c) = combiner.take() else { break };
@@ -464,12 +464,12 @@ async fn write(reader: &Reader, opts: &RestoreOptions, checked: Checked) -> Resu
             );
         }
         if let Some(c) = &c {
-            eprintln!(
+            progress.note(&format!(
                 "restore: backup {} read in {:.1} s; {} files still wait",
                 older.id,
                 t.elapsed().as_secs_f64(),
                 c.pending()
-            );
+            ));
         }
         combiner = c;
     }
@@ -571,6 +571,13 @@ impl Progress {
             b
         });
         Progress { total, done: 0, t0: Instant::now(), last: Instant::now(), bar }
+    }
+    /// A line on stderr, above the progress bar when there is one.
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
     }
     fn add(&mut self, n: u64) {
         self.done += n;
