@@ -28,7 +28,9 @@
 //! one PostgreSQL asked for in a spool, `pg_wal/walvault-prefetch/` beside DEST:
 //!
 //! * `wal-fetch` of a spooled segment writes its name into `.requested`, then renames it into
-//!   DEST (in that order, so the prefetcher never sees a hole to fill in its old window) —
+//!   DEST (in that order: the prefetcher reads `.requested` again after finding what is
+//!   missing and before writing each fetched segment, so a segment just taken is not fetched
+//!   back into the spool) —
 //!   before opening the archive or starting an async runtime, so a spooled segment costs a
 //!   process start and a rename;
 //! * the prefetcher (one per spool: an exclusive `flock` on `.lock`) polls `.requested`,
@@ -239,9 +241,7 @@ pub async fn run_prefetch(reader: &Reader, archive: &ArchiveArgs, spool: &Path, 
             let _ = std::fs::remove_dir_all(spool);
             return Ok(());
         }
-        if let Some(r) =
-            std::fs::read_to_string(spool.join(".requested")).ok().and_then(|s| SegmentName::parse(s.trim(), size).ok())
-        {
+        if let Some(r) = requested(spool, size) {
             if r != last {
                 (last, changed, pruned) = (r, Instant::now(), false);
             }
@@ -263,12 +263,20 @@ pub async fn run_prefetch(reader: &Reader, archive: &ArchiveArgs, spool: &Path, 
             tokio::time::sleep(POLL).await;
             continue;
         }
+        // wal-fetch records a request before it takes the segment from the spool: had it done
+        // both since `.requested` was read above, the taken segment would look missing here.
+        if requested(spool, size).is_some_and(|r| r != last) {
+            continue;
+        }
         let mut fetches = futures::stream::iter(missing)
             .map(|s| async move { (s, whole_segment(reader, &s, size).await) })
             .buffered(parallel);
         let mut stalled = false;
         while let Some((s, r)) = fetches.next().await {
             match r {
+                // Not once PostgreSQL has asked for it (or for a later one) meanwhile.
+                Ok(Some(_))
+                    if requested(spool, size).is_some_and(|r| r.timeline == s.timeline && r.segno >= s.segno) => {}
                 Ok(Some(content)) => {
                     walvault_shared::fsutil::write_atomically(&spool.join(s.file_name(size)), &content, 0o600)?;
                 }
@@ -285,6 +293,11 @@ pub async fn run_prefetch(reader: &Reader, archive: &ArchiveArgs, spool: &Path, 
             tokio::time::sleep(NOT_YET).await;
         }
     }
+}
+
+/// The segment PostgreSQL asked for last, from `.requested`.
+fn requested(spool: &Path, size: u64) -> Option<SegmentName> {
+    std::fs::read_to_string(spool.join(".requested")).ok().and_then(|s| SegmentName::parse(s.trim(), size).ok())
 }
 
 /// Recovery is over in this data directory: it is one (PG_VERSION) and has no signal file.

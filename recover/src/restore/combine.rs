@@ -174,8 +174,6 @@ pub struct Combiner {
     g: Geometry,
     /// (archive name, path in the archive without the prefix) → state.
     pending: HashMap<(String, PathBuf), Pending>,
-    /// Every file reconstructed: (archive name, path in the archive).
-    pub reconstructed: Vec<(String, PathBuf)>,
     /// Size and CRC32C of every file finished so far.
     pub checksums: Checksums,
     buf: Vec<u8>,
@@ -186,13 +184,7 @@ impl Combiner {
         if !g.blcksz.is_power_of_two() || !(1024..=32768).contains(&g.blcksz) || g.relseg == 0 {
             bail!("backup description gives an impossible block size {} or segment size {}", g.blcksz, g.relseg);
         }
-        Ok(Combiner {
-            g,
-            pending: HashMap::new(),
-            reconstructed: Vec::new(),
-            checksums: HashMap::new(),
-            buf: vec![0; 1 << 20],
-        })
+        Ok(Combiner { g, pending: HashMap::new(), checksums: HashMap::new(), buf: vec![0; 1 << 20] })
     }
 
     pub fn pending(&self) -> usize {
@@ -231,7 +223,6 @@ impl Combiner {
         } else {
             self.pending.insert((archive.to_string(), target.to_path_buf()), p);
         }
-        self.reconstructed.push((archive.to_string(), target.to_path_buf()));
         Ok(())
     }
 

@@ -22,11 +22,12 @@
 //!    (with `lchown`, never `chown` the program).
 //!
 //! An incremental backup restores with its chain ([`combine`]): in step 4, every member's parts
-//! are listed with their recorded sizes and every part of every incremental member is read once
-//! and checked as stored, without decompressing or decrypting it (header checksum, signature
-//! with `--verify-key`, the payload's checksum and signed SHA-256, and the plain length and
-//! CRC its description records; encrypted parts' epoch keys unwrapped), so that a missing,
-//! damaged or replaced member stops the restore before anything is written; in step 5 the
+//! are listed with their recorded sizes and every part of every incremental member (of the tar
+//! archives the newest backup has) is read once and checked as stored, without decompressing
+//! or decrypting it (header checksum, signature with `--verify-key`, the payload's checksum and
+//! signed SHA-256, and the plain length and CRC its description records; encrypted parts'
+//! epoch keys unwrapped), so that a missing or damaged member (a replaced one too, with
+//! `--verify-key`) stops the restore before anything is written; in step 5 the
 //! newest backup is unpacked and the older ones, newest first, supply only the blocks still
 //! missing, each block written once (the `INCREMENTAL.*` headers are checked as they are read:
 //! a malformed one, which only a faulty server could have sent under a valid checksum, stops
@@ -268,10 +269,12 @@ async fn check_chain(reader: &Reader, plan: &Plan, parallel: usize) -> Result<()
             }
         }
     }
-    // Every part of every incremental read once and checked as stored, without decompressing
-    // or decrypting it: the header and signature, the payload's checksum and signed hash, and
-    // the plain length and CRC the (signed) description records. A damaged or replaced part
-    // is refused here; the INCREMENTAL.* headers inside are checked as the combine reads them.
+    // Every part of every incremental (of the archives the newest backup has) read once and
+    // checked as stored, without decompressing or decrypting it: the header and signature, the
+    // payload's checksum and signed hash, and the plain length and CRC the description
+    // records. A missing, resized or damaged part is refused here (a replaced one too with
+    // --verify-key: the signature binds header and payload to the name); the INCREMENTAL.*
+    // headers inside are checked as the combine reads them.
     let parts = plan.chain.iter().filter(|b| b.parent.is_some()).flat_map(|b| {
         b.archives
             .iter()
@@ -282,24 +285,28 @@ async fn check_chain(reader: &Reader, plan: &Plan, parallel: usize) -> Result<()
         .map(|(b, p)| async move {
             let key = names::backup_part(&b.id, p.n);
             let damaged = || format!("backup {} (an incremental of the chain of {}) is damaged", b.id, newest.id);
-            let check = async {
-            let raw = reader.store().get_bounded(&key, envelope::max_stored_len(p.plain_len)).await?;
-            let h = envelope::check_stored(&key, &raw, reader.verify_keys())?;
-            if h.kind != ObjectKind::BackupPart || h.plain_len != p.plain_len || h.plain_crc != p.crc32 {
-                bail!("object {key}: content differs from the backup description (kind, checksum or length)\nHINT: the object was replaced or damaged; do not trust it");
+            let bound = p.plain_len.min(walvault_shared::archive::read::limits::PART);
+            let raw = reader.store().get_bounded(&key, envelope::max_stored_len(bound)).await.with_context(damaged)?;
+            let h = envelope::check_stored(&key, &raw, reader.verify_keys()).with_context(damaged)?;
+            if h.kind != ObjectKind::BackupPart
+                || h.plain_len != p.plain_len
+                || h.plain_len > bound
+                || h.plain_crc != p.crc32
+            {
+                return Err(anyhow::anyhow!("object {key}: content differs from the backup description (kind, checksum or length)\nHINT: the object was replaced or damaged; do not trust it").context(damaged()));
             }
             match &h.encryption_block {
+                // Not damage: the key (or the identity given) is the problem; say so as such.
                 Some(e) => {
                     reader.epoch_key(&e.epoch).await.with_context(|| format!("the key of {key}"))?;
                 }
                 None if reader.has_identities() && names::is_confidential(&key) => {
-                    return Err(envelope::EnvelopeError::NotEncrypted { key: key.clone() }.into());
+                    return Err(anyhow::Error::from(envelope::EnvelopeError::NotEncrypted { key: key.clone() })
+                        .context(damaged()));
                 }
                 None => {}
             }
-            Ok::<(), anyhow::Error>(())
-            };
-            check.await.with_context(damaged)
+            Ok(())
         })
         .buffer_unordered(parallel.max(1));
     while let Some(r) = checks.next().await {
