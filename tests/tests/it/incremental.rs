@@ -97,6 +97,17 @@ fn files(root: &Path) -> BTreeMap<PathBuf, (u64, String)> {
     out
 }
 
+/// Flip one byte near the end of a stored object (inside its payload); returns the original
+/// bytes, to put back.
+fn flip_a_stored_byte(object: &Path) -> Vec<u8> {
+    let original = std::fs::read(object).unwrap();
+    let mut bad = original.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 0x55;
+    std::fs::write(object, &bad).unwrap();
+    original
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_chain_on_17_and_18_restores_exactly_as_pg_combinebackup_refused_on_15_16() {
     walvault_tests::init_logging();
@@ -320,11 +331,7 @@ async fn incremental_chain_damage_and_retention_on_17_and_18_fallback_full_on_15
     // A damaged incremental in the chain (one byte of a part of i1 flipped): refused before
     // anything is written, by name.
     let part = repo.join(format!("backups/{i1_id}/part-000000"));
-    let original = std::fs::read(&part).unwrap();
-    let mut bad = original.clone();
-    let at = bad.len() - 100;
-    bad[at] ^= 0x55;
-    std::fs::write(&part, &bad).unwrap();
+    let original = flip_a_stored_byte(&part);
     let scratch = PgCluster::fresh_dir("incr-refused").unwrap();
     let target = scratch.join("data");
     let (code, out, err) = restore_into(&target, &[]);
@@ -439,11 +446,7 @@ async fn encrypted_signed_incremental_chain_on_17_and_18_fallback_full_on_15_16(
 
     // A stored byte of the incremental flipped: refused before anything is written, by name.
     let part = repo.join(format!("backups/{i1_id}/part-000000"));
-    let original = std::fs::read(&part).unwrap();
-    let mut bad = original.clone();
-    let at = bad.len() - 100;
-    bad[at] ^= 0x55;
-    std::fs::write(&part, &bad).unwrap();
+    let original = flip_a_stored_byte(&part);
     let scratch = PgCluster::fresh_dir("incr-enc-refused").unwrap();
     let target = scratch.join("data");
     let owner = PgCluster::pg_user_name();
