@@ -183,13 +183,20 @@ fn keygen(k: &KeygenArgs) -> Result<ExitCode> {
 }
 
 /// Open the archive for writing, signing with the configured key and encrypting to the
-/// configured recipients.
+/// configured recipients. `journal`: the streaming agent, the one writer of a local archive's
+/// commit journal (`Some(true)`: synchronous, chunks are written through it; `Some(false)`:
+/// only deletes, draining what a synchronous run left; see `walvault_shared::storage::journal`).
 async fn open_writer(
     common: &config::Common,
     signer: Option<Arc<SigningKey>>,
     recipients: Option<walvault_shared::archive::crypt::Recipients>,
+    journal: Option<bool>,
 ) -> Result<Writer> {
-    let store = walvault_shared::storage::open(&common.archive, &common.s3).await?;
+    let store = if let Some(puts) = journal {
+        walvault_shared::storage::open_journaled(&common.archive, &common.s3, puts).await?
+    } else {
+        walvault_shared::storage::open(&common.archive, &common.s3).await?
+    };
     // Tests (debug builds only) put a fault-injecting store under the agent.
     #[cfg(debug_assertions)]
     let store = match std::env::var_os("WALVAULT_TEST_FAULTS") {
@@ -224,7 +231,7 @@ async fn run_agent(a: RunArgs, file: config::FileConfig, common: config::Common)
     http::raise_fd_limit();
     // Bind first: a busy port is a configuration error, found before anything starts.
     let listener = config::listen(&a.stream, &file).map(|addr| http::bind(&addr)).transpose().map_err(usage)?;
-    let writer = open_writer(&common, signer, recipients).await?;
+    let writer = open_writer(&common, signer, recipients, Some(stream_cfg.synchronous)).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     *metrics.archive_url.lock().unwrap() = writer.store().url();
     let http = match listener {
@@ -317,7 +324,7 @@ async fn backup_once(a: BackupCmdArgs, file: config::FileConfig, common: config:
     let signer = config::signer(&a.server, &file).map_err(usage)?;
     let recipients = config::encryption(&a.server, &file).map_err(usage)?;
     let params = ConnParams::parse_with_process_env(&config::pg_url(&a.server, &file)).map_err(usage)?;
-    let writer = open_writer(&common, signer, recipients).await?;
+    let writer = open_writer(&common, signer, recipients, None).await?;
     let d = basebackup::take_backup(&params, &writer, &backup_cfg).await?;
     println!("{}", serde_json::to_string_pretty(&d)?);
     if policy.is_set() {
@@ -333,7 +340,7 @@ async fn expire_once(a: ExpireArgs, file: config::FileConfig, common: config::Co
             "no retention policy given\nHINT: --retain-full N and/or --retain-days D (or retain_full/retain_days in the config file)"
         )));
     }
-    let writer = open_writer(&common, None, None).await?;
+    let writer = open_writer(&common, None, None, None).await?;
     let id = walvault_shared::archive::identity::load_existing(&Reader::new(writer.store().clone(), None)).await?;
     let r = retention::expire(&writer, id.wal_segment_size, &policy, a.dry_run).await?;
     if a.json {

@@ -309,11 +309,10 @@ impl Drop for Uploader {
 /// Seal a chunk's frame in its envelope (off the async thread: encryption and signing cost
 /// CPU): the object to upload.
 async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, frame: &Frame) -> Bytes {
-    let (writer, key, meta, frame) = (writer.clone(), key.to_string(), meta.clone(), frame.clone());
-    tokio::task::spawn_blocking(move || {
-        let meta_json = serde_json::to_vec(&meta).expect("metadata serialises");
+    let seal = |writer: &Writer, key: &str, meta: &WalObjectMeta, frame: &Frame| {
+        let meta_json = serde_json::to_vec(meta).expect("metadata serialises");
         writer.encode_raw(
-            &key,
+            key,
             ObjectKind::WalChunk,
             &meta_json,
             frame.plain_len,
@@ -321,10 +320,18 @@ async fn seal_chunk(writer: &Writer, key: &str, meta: &WalObjectMeta, frame: &Fr
             Compression::Zstd,
             &frame.payload,
         )
-    })
-    .await
-    .expect("seal task")
+    };
+    // A small chunk (synchronous mode seals one per group of commits) costs microseconds:
+    // sealed here, without a thread hop on the commit's path.
+    if frame.payload.len() <= SEAL_INLINE_MAX {
+        return seal(writer, key, meta, frame);
+    }
+    let (writer, key, meta, frame) = (writer.clone(), key.to_string(), meta.clone(), frame.clone());
+    tokio::task::spawn_blocking(move || seal(&writer, &key, &meta, &frame)).await.expect("seal task")
 }
+
+/// Largest compressed chunk sealed on the async thread.
+const SEAL_INLINE_MAX: usize = 64 << 10;
 
 /// The segment's chunks are now redundant: delete them (best effort; leftovers are removed at
 /// the next start).

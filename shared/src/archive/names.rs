@@ -91,6 +91,17 @@ pub fn chunk(seg: &SegmentName, segment_size: u64, start: Lsn, end: Lsn) -> Stri
     format!("{}.{:016X}-{:016X}", segment(seg, segment_size), start.0, end.0)
 }
 
+/// Whether `key` has a chunk object's shape, `wal/TTTTTTTT/<24 hex>.<16 hex>-<16 hex>`, whatever
+/// the segment size (what the local store's commit journal takes).
+pub fn is_chunk_key(key: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+    let Some(rest) = key.strip_prefix(WAL_PREFIX) else { return false };
+    let Some((dir, file)) = rest.split_once('/') else { return false };
+    let Some((seg, range)) = file.split_once('.') else { return false };
+    let Some((s, e)) = range.split_once('-') else { return false };
+    hex(dir, 8) && hex(seg, 24) && hex(s, 16) && hex(e, 16)
+}
+
 /// The prefix every chunk of `seg` (and nothing else) starts with, for a listing.
 pub fn chunks_of(seg: &SegmentName, segment_size: u64) -> String {
     format!("{}.", segment(seg, segment_size))

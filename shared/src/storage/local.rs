@@ -26,12 +26,14 @@ use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
+use super::journal::{self, Journal};
 use super::{validate_key, ByteStream, ObjectMeta, ObjectStore, PutMode, StorageError};
 
 const TMP_DIR: &str = ".tmp";
@@ -42,6 +44,12 @@ pub struct LocalStore {
     /// Modes for new directories and files (see the module doc).
     dir_mode: u32,
     file_mode: u32,
+    /// The writer's journal (the agent in synchronous mode), see [`journal`].
+    journal: Option<Arc<Journal>>,
+    /// Whether puts go through [`Self::journal`] (otherwise only deletes do).
+    journal_puts: bool,
+    /// Another process's last scan of the journal.
+    journal_cache: Arc<Mutex<Option<journal::View>>>,
 }
 
 /// Modes for new directories and files under a root of mode `root_mode`: owner-only, plus
@@ -70,7 +78,111 @@ impl LocalStore {
         let mode = fs::metadata(&root).map_err(hint)?.permissions().mode();
         let (dir_mode, file_mode) = modes_for(mode);
         fs::DirBuilder::new().recursive(true).mode(dir_mode).create(root.join(TMP_DIR)).map_err(hint)?;
-        Ok(LocalStore { root, dir_mode, file_mode })
+        Ok(LocalStore {
+            root,
+            dir_mode,
+            file_mode,
+            journal: None,
+            journal_puts: false,
+            journal_cache: Default::default(),
+        })
+    }
+
+    /// Write WAL chunk objects (write-once, up to [`journal::MAX_DATA`] bytes; not segments,
+    /// which stay for the retention period) through the commit journal: one `fdatasync` of a preallocated file per put
+    /// instead of a new file and two file-system journal commits. For the agent in
+    /// synchronous mode, the only writer of the archive; every reader sees the objects as it
+    /// sees files (see [`journal`]).
+    pub fn with_journal(self) -> anyhow::Result<Self> {
+        self.with_journal_size(journal::FILE_SIZE)
+    }
+
+    /// [`Self::with_journal`] with journal files of `size` bytes (tests).
+    pub fn with_journal_size(mut self, size: u64) -> anyhow::Result<Self> {
+        let j = Journal::open(&self.root, self.dir_mode, self.file_mode, size).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the commit journal in {}: {e}\nHINT: check that the archive directory is writable by this user",
+                self.root.join(journal::DIR).display()
+            )
+        })?;
+        self.journal = Some(Arc::new(j));
+        self.journal_puts = true;
+        Ok(self)
+    }
+
+    /// Keep the journal's objects readable and deletable, but write new objects as files (the
+    /// asynchronous agent, after a synchronous run).
+    pub fn without_journal_puts(mut self) -> Self {
+        self.journal_puts = false;
+        self
+    }
+
+    /// The journal's writer, if this store has one.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_deref()
+    }
+
+    /// The live journaled object under `key`: the writer's own view, or (in another process)
+    /// the cached scan, scanned again when the key is not in it.
+    fn journaled(&self, key: &str) -> io::Result<Option<journal::Entry>> {
+        if let Some(j) = &self.journal {
+            return Ok(j.entry(key));
+        }
+        if let Some(e) = self.journal_cache.lock().unwrap().as_ref().and_then(|v| v.entries.get(key)) {
+            return Ok(Some(e.clone()));
+        }
+        let dir = self.root.join(journal::DIR);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let v = journal::scan(&dir)?;
+        let e = v.entries.get(key).cloned();
+        *self.journal_cache.lock().unwrap() = Some(v);
+        Ok(e)
+    }
+
+    /// A journaled object's bytes, if `key` is one.
+    fn read_journaled(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        let dir = self.root.join(journal::DIR);
+        for attempt in 0..2 {
+            let Some(e) = self.journaled(key)? else { return Ok(None) };
+            match journal::read(&dir, key, &e) {
+                Ok(d) => return Ok(Some(d)),
+                // Retired since the cached scan: scan again.
+                Err(err) if err.kind() == io::ErrorKind::NotFound && self.journal.is_none() && attempt == 0 => {
+                    *self.journal_cache.lock().unwrap() = None;
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Journaled objects under `prefix` (a fresh scan in another process).
+    fn journaled_list(&self, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
+        let entries = match &self.journal {
+            Some(j) => j.entries(prefix),
+            None => {
+                let dir = self.root.join(journal::DIR);
+                if !dir.exists() {
+                    return Ok(Vec::new());
+                }
+                let v = journal::scan(&dir)?;
+                let out = v
+                    .entries
+                    .range(prefix.to_string()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, e)| (k.clone(), e.clone()))
+                    .collect();
+                *self.journal_cache.lock().unwrap() = Some(v);
+                out
+            }
+        };
+        Ok(entries
+            .into_iter()
+            .map(|(key, e)| ObjectMeta { key, size: e.data_len as u64, last_modified: Some(e.written) })
+            .collect())
     }
 
     /// Open an existing repository for reading; never creates anything (a reader may run as
@@ -92,7 +204,14 @@ impl LocalStore {
             ),
         };
         let (dir_mode, file_mode) = modes_for(mode);
-        Ok(LocalStore { root, dir_mode, file_mode })
+        Ok(LocalStore {
+            root,
+            dir_mode,
+            file_mode,
+            journal: None,
+            journal_puts: false,
+            journal_cache: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -101,8 +220,8 @@ impl LocalStore {
 
     fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StorageError> {
         validate_key(op, key)?;
-        if key == TMP_DIR || key.starts_with(".tmp/") {
-            return Err(StorageError::permanent(op, key, "key reserved for temporary files"));
+        if key == TMP_DIR || key.starts_with(".tmp/") || key == journal::DIR || key.starts_with(".journal/") {
+            return Err(StorageError::permanent(op, key, "key reserved for temporary files and the journal"));
         }
         // No component below the root may be a symlink (a missing one is fine: not created yet).
         let mut p = self.root.clone();
@@ -191,7 +310,19 @@ impl Drop for TempGuard {
     }
 }
 
-fn put_blocking(store: &LocalStore, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
+fn put_blocking(store: &LocalStore, key: &str, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
+    if let (Some(j), PutMode::IfAbsent) = (&store.journal, mode) {
+        let exists = || io::Error::new(io::ErrorKind::AlreadyExists, "exists");
+        if j.entry(key).is_some() {
+            return Err(exists());
+        }
+        if store.journal_puts && crate::archive::names::is_chunk_key(key) && j.takes(key, data.len()) {
+            if fs::symlink_metadata(dest).is_ok() {
+                return Err(exists());
+            }
+            return j.put(key, data);
+        }
+    }
     let tmp = temp_path(&store.root);
     let _guard = TempGuard(tmp.clone());
     crate::fsutil::write_new(&tmp, data, store.file_mode)?;
@@ -205,9 +336,21 @@ impl ObjectStore for LocalStore {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), StorageError> {
-        let dest = self.path("put", key)?;
+        // A journaled chunk creates no file: the key is checked, not walked for links (the
+        // existence check below does not follow one).
+        let journaled = self.journal_puts
+            && mode == PutMode::IfAbsent
+            && crate::archive::names::is_chunk_key(key)
+            && self.journal.as_ref().is_some_and(|j| j.takes(key, data.len()));
+        let dest = if journaled {
+            validate_key("put", key)?;
+            self.root.join(key)
+        } else {
+            self.path("put", key)?
+        };
         let store = self.clone();
-        tokio::task::spawn_blocking(move || put_blocking(&store, &dest, &data, mode))
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || put_blocking(&store, &k, &dest, &data, mode))
             .await
             .map_err(|e| StorageError::transient("put", key, e))?
             .map_err(|e| match e.kind() {
@@ -218,6 +361,9 @@ impl ObjectStore for LocalStore {
 
     async fn put_stream(&self, key: &str, mut data: ByteStream, mode: PutMode) -> Result<u64, StorageError> {
         let dest = self.path("put", key)?;
+        if mode == PutMode::IfAbsent && self.journal.as_ref().is_some_and(|j| j.entry(key).is_some()) {
+            return Err(StorageError::AlreadyExists { op: "put", key: key.to_string() });
+        }
         let tmp = temp_path(&self.root);
         let guard = TempGuard(tmp.clone());
         let mut f = tokio::fs::OpenOptions::new()
@@ -252,7 +398,21 @@ impl ObjectStore for LocalStore {
 
     async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
         let path = self.path("get", key)?;
-        let f = tokio::fs::File::open(&path).await.map_err(|e| io_err("get", key, e))?;
+        let f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (store, k) = (self.clone(), key.to_string());
+                let d = tokio::task::spawn_blocking(move || store.read_journaled(&k))
+                    .await
+                    .map_err(|e| StorageError::transient("get", key, e))?
+                    .map_err(|e| io_err("get", key, e))?;
+                return match d {
+                    Some(d) => Ok(futures::stream::once(async move { Ok(Bytes::from(d)) }).boxed()),
+                    None => Err(StorageError::NotFound { op: "get", key: key.to_string() }),
+                };
+            }
+            Err(e) => return Err(io_err("get", key, e)),
+        };
         let k = key.to_string();
         Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map_err(move |e| io_err("get", &k, e)).boxed())
     }
@@ -260,8 +420,18 @@ impl ObjectStore for LocalStore {
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
         let path = self.path("get", key)?;
         let k = key.to_string();
+        let (store, jk) = (self.clone(), k.clone());
         tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-            let mut f = File::open(&path)?;
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let d = store.read_journaled(&jk)?.ok_or(e)?;
+                    let end = (range.end as usize).min(d.len());
+                    let start = (range.start as usize).min(end);
+                    return Ok(Bytes::from(d).slice(start..end));
+                }
+                Err(e) => return Err(e),
+            };
             let size = f.metadata()?.len();
             let end = range.end.min(size);
             let start = range.start.min(end);
@@ -277,7 +447,22 @@ impl ObjectStore for LocalStore {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StorageError> {
         let path = self.path("head", key)?;
-        let md = tokio::fs::metadata(&path).await.map_err(|e| io_err("head", key, e))?;
+        let md = match tokio::fs::metadata(&path).await {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (store, k) = (self.clone(), key.to_string());
+                let entry = tokio::task::spawn_blocking(move || store.journaled(&k))
+                    .await
+                    .map_err(|e| StorageError::transient("head", key, e))?
+                    .map_err(|e| io_err("head", key, e))?;
+                return match entry {
+                    Some(e) => {
+                        Ok(ObjectMeta { key: key.to_string(), size: e.data_len as u64, last_modified: Some(e.written) })
+                    }
+                    None => Err(StorageError::NotFound { op: "head", key: key.to_string() }),
+                };
+            }
+            r => r.map_err(|e| io_err("head", key, e))?,
+        };
         if !md.is_file() {
             return Err(StorageError::NotFound { op: "head", key: key.to_string() });
         }
@@ -289,14 +474,25 @@ impl ObjectStore for LocalStore {
     }
 
     fn list(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StorageError>> {
-        let root = self.root.clone();
+        let store = self.clone();
         let prefix = prefix.to_string();
         futures::stream::once(async move {
             let p = prefix.clone();
-            tokio::task::spawn_blocking(move || list_blocking(&root, &p))
-                .await
-                .map_err(|e| StorageError::transient("list", &prefix, e))?
-                .map_err(|e| io_err("list", &prefix, e))
+            tokio::task::spawn_blocking(move || {
+                // The journal first, then the files: an object retired from the journal
+                // between the two was deleted, never moved (see `journal`).
+                let journaled = store.journaled_list(&p)?;
+                let mut files = list_blocking(&store.root, &p)?;
+                if !journaled.is_empty() {
+                    let names: std::collections::HashSet<String> = files.iter().map(|m| m.key.clone()).collect();
+                    files.extend(journaled.into_iter().filter(|m| !names.contains(&m.key)));
+                    files.sort_by(|a, b| a.key.cmp(&b.key));
+                }
+                Ok(files)
+            })
+            .await
+            .map_err(|e| StorageError::transient("list", &prefix, e))?
+            .map_err(|e| io_err("list", &prefix, e))
         })
         .map_ok(|v| futures::stream::iter(v.into_iter().map(Ok)))
         .try_flatten()
@@ -309,7 +505,12 @@ impl ObjectStore for LocalStore {
         for k in keys {
             paths.push((k.clone(), self.path("delete", k)?));
         }
+        let journal = self.journal.clone();
+        let all: Vec<String> = keys.to_vec();
         tokio::task::spawn_blocking(move || {
+            if let Some(j) = journal {
+                j.delete(&all);
+            }
             let mut dirs = std::collections::BTreeSet::new();
             for (k, p) in paths {
                 match fs::remove_file(&p) {
@@ -358,7 +559,7 @@ fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
             let ent = ent?;
             let name = ent.file_name();
             let Some(name) = name.to_str() else { continue };
-            if rel.is_empty() && name == TMP_DIR {
+            if rel.is_empty() && (name == TMP_DIR || name == journal::DIR) {
                 continue;
             }
             let key = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };

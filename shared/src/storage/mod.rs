@@ -33,6 +33,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 pub mod faulty;
+pub mod journal;
 pub mod local;
 pub mod retry;
 pub mod s3;
@@ -239,6 +240,21 @@ pub async fn open(url: &str, s3opts: &s3::S3Options) -> anyhow::Result<Arc<dyn O
     match RepoUrl::parse(url)? {
         RepoUrl::Local(path) => Ok(Arc::new(local::LocalStore::open(&path)?)),
         RepoUrl::S3 { bucket, prefix } => Ok(Arc::new(s3::S3Store::connect(&bucket, &prefix, s3opts).await?)),
+    }
+}
+
+/// [`open`] for the streaming agent, the one writer of a local archive's commit journal
+/// ([`journal`]): with `puts` (synchronous mode) WAL chunks are written through it
+/// ([`local::LocalStore::with_journal`]); without, only its objects' deletes go through it (a
+/// journal left by an earlier synchronous run drains as its chunks are consolidated). S3 is
+/// opened as by [`open`].
+pub async fn open_journaled(url: &str, s3opts: &s3::S3Options, puts: bool) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    match RepoUrl::parse(url)? {
+        RepoUrl::Local(path) => {
+            let store = local::LocalStore::open(&path)?.with_journal()?;
+            Ok(Arc::new(if puts { store } else { store.without_journal_puts() }))
+        }
+        RepoUrl::S3 { .. } => open(url, s3opts).await,
     }
 }
 

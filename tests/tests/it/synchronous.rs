@@ -66,7 +66,9 @@ async fn ids(pg: &PgCluster) -> Vec<i32> {
     c.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
 
-async fn lose_nothing(archive: &str, flags: &[&str]) {
+/// `journal`: the local archive's root, whose commit journal must hold the newest chunks when
+/// the agent dies (the restore then reads them from there).
+async fn lose_nothing(archive: &str, flags: &[&str], journal: Option<&std::path::Path>) {
     let pg = PgCluster::start_new("sync", sync_opts()).unwrap();
     let mut agent = Agent::start(&pg.url(), archive, &[flags, &["--synchronous", "--no-backups"]].concat()).unwrap();
     // Commits wait for the agent: the table's creation returns once the agent streams.
@@ -91,6 +93,13 @@ async fn lose_nothing(archive: &str, flags: &[&str]) {
     // checkpoint. The archive alone must hold every committed row.
     agent.kill9();
     pg.stop("immediate").unwrap();
+    if let Some(root) = journal {
+        use walvault_shared::storage::journal;
+        let live = journal::scan(&root.join(journal::DIR)).unwrap().entries;
+        assert!(!live.is_empty(), "a synchronous agent on a local archive writes chunks through its journal");
+        assert!(live.keys().all(|k| !root.join(k).exists()), "journaled chunks are not files");
+        eprintln!("{} chunks in the journal when the agent died", live.len());
+    }
     let (r, _) = restore_and_start(archive, &[flags, &["--latest"]].concat()).await;
     assert_eq!(ids(&r).await, (1..=520).collect::<Vec<_>>(), "every committed row, none lost");
 }
@@ -98,8 +107,8 @@ async fn lose_nothing(archive: &str, flags: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synchronous_mode_loses_no_committed_row_local() {
     walvault_tests::init_logging();
-    let (_keep, archive, _) = walvault_tests::local_archive().unwrap();
-    lose_nothing(&archive, &[]).await;
+    let (_keep, archive, root) = walvault_tests::local_archive().unwrap();
+    lose_nothing(&archive, &[], Some(&root)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +118,7 @@ async fn synchronous_mode_loses_no_committed_row_s3() {
     let bucket = s3.new_bucket("sync").await.unwrap();
     let _ = s3.options(); // the AWS_* variables the agent and the restored server inherit
     let archive = format!("s3://{bucket}/pg");
-    lose_nothing(&archive, &["--s3-endpoint", s3.endpoint.as_str(), "--s3-force-path-style"]).await;
+    lose_nothing(&archive, &["--s3-endpoint", s3.endpoint.as_str(), "--s3-force-path-style"], None).await;
 }
 
 /// Commits wait while the archive fails and while the agent is gone, and are released once

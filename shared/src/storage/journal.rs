@@ -1,0 +1,594 @@
+//! The local store's commit journal: what makes a synchronous commit cost one `fdatasync`.
+//!
+//! A normal local put is a new file: written, fsynced, linked under its key, and the key's
+//! directory fsynced; on ext4 that is two journal commits of the file system per object. In
+//! synchronous mode (`walvault-agent run --synchronous`) every group of commits is one small
+//! chunk object, so those two commits are on every commit's path. pg_receivewal `--synchronous`
+//! instead overwrites a preallocated segment file and `fdatasync`s it: no metadata changes.
+//! The journal does the same for the archive: the agent opens its local store with
+//! [`super::local::LocalStore::with_journal`], and small write-once puts of WAL objects are
+//! appended to a preallocated file under `ROOT/.journal/` and `fdatasync`ed: one flush of data
+//! blocks, no file created, no directory changed.
+//!
+//! # Format
+//!
+//! `ROOT/.journal/<generation, 16 hex digits>.wvj`, created as [`FILE_SIZE`] bytes of zeros,
+//! fsynced, its directory fsynced, before the first record goes in. Records follow one another
+//! from offset 0 (little-endian):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | magic `WVJ1` |
+//! | 1 | kind: 1 = put, 2 = delete (a tombstone, no data) |
+//! | 3 | zero |
+//! | 8 | generation of the file (a record copied into another file does not validate) |
+//! | 8 | time written, µs since the Unix epoch: the object's last-modified time |
+//! | 4 | key length |
+//! | 4 | data length |
+//! | 4 | CRC-32 of the 32 bytes above, the key and the data |
+//! | key length | the key |
+//! | data length | the object, byte for byte what a file under the key would hold |
+//!
+//! A scan reads the files in generation order and each from offset 0, and stops a file at the
+//! first record that does not validate (zeros: the end; anything else: a write the crash cut
+//! short, which was never acknowledged). Puts add an object, tombstones remove it; an object
+//! that also exists as a file is the file's (identical content: puts are write-once).
+//!
+//! # Contract
+//!
+//! * A journaled put returns only after the `fdatasync` that covers its record (a record is
+//!   written, under a lock, after every earlier record, so a flush that covers it covers them:
+//!   a scan never finds an acknowledged record after a torn one).
+//! * Every reader of the store sees journaled objects as objects: `get`, `get_range`, `head`,
+//!   `list` (the store merges them with its files), in this process and in others
+//!   (`walvault-recover` reading the archive while the agent writes, or after it was killed).
+//!   Other processes scan the journal files; a scan is cached and redone on a listing and when
+//!   a key is not found.
+//! * Deleting a journaled object (the agent consolidating a segment, removing its chunks)
+//!   appends a tombstone (not flushed: a tombstone lost in a crash brings back a redundant
+//!   chunk, which the agent deletes at its next start, as it does files). A journal file is
+//!   removed once it holds no live object and no older journal file remains.
+//! * Only the agent writes the journal; other processes only read it, and a delete from
+//!   another process does not reach journaled objects (they are only ever chunks of the
+//!   segment the agent is filling, which only the agent deletes).
+//! * Puts larger than [`MAX_DATA`] (whole segments, backup parts) and overwrites are files,
+//!   as without a journal.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+
+/// The journal's directory under the repository root (never listed as keys).
+pub const DIR: &str = ".journal";
+/// Size of one journal file.
+pub const FILE_SIZE: u64 = 16 << 20;
+/// Largest object that is journaled; larger ones are written as files.
+pub const MAX_DATA: usize = 1 << 20;
+
+const MAGIC: &[u8; 4] = b"WVJ1";
+const HEADER: usize = 36;
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+
+/// Where a live journaled object is.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub generation: u64,
+    /// Offset of the record (its header) in the file.
+    pub offset: u64,
+    pub key_len: u32,
+    pub data_len: u32,
+    pub written: DateTime<Utc>,
+}
+
+impl Entry {
+    fn record_len(&self) -> u64 {
+        HEADER as u64 + self.key_len as u64 + self.data_len as u64
+    }
+}
+
+/// The live objects of a set of journal files.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub entries: BTreeMap<String, Entry>,
+    /// Live objects per generation (every file scanned has an entry, possibly 0).
+    live: BTreeMap<u64, usize>,
+    /// Where each scanned file's valid records end.
+    ends: BTreeMap<u64, u64>,
+}
+
+impl View {
+    fn add(&mut self, key: String, e: Entry) {
+        *self.live.entry(e.generation).or_default() += 1;
+        if let Some(old) = self.entries.insert(key, e) {
+            self.dec(old.generation);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.entries.remove(key) {
+            Some(old) => {
+                self.dec(old.generation);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn dec(&mut self, generation: u64) {
+        if let Some(n) = self.live.get_mut(&generation) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+pub fn file_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("{generation:016x}.wvj"))
+}
+
+/// Generations of the journal files in `dir`, ascending (none if the directory is missing).
+pub fn generations(dir: &Path) -> io::Result<Vec<u64>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let name = ent?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(hex) = name.strip_suffix(".wvj") {
+            if let Ok(g) = u64::from_str_radix(hex, 16) {
+                if hex.len() == 16 {
+                    out.push(g);
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn encode(kind: u8, generation: u64, written: DateTime<Utc>, key: &str, data: &[u8]) -> Vec<u8> {
+    let mut rec = Vec::with_capacity(HEADER + key.len() + data.len());
+    rec.extend_from_slice(MAGIC);
+    rec.extend_from_slice(&[kind, 0, 0, 0]);
+    rec.extend_from_slice(&generation.to_le_bytes());
+    rec.extend_from_slice(&written.timestamp_micros().to_le_bytes());
+    rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&rec);
+    h.update(key.as_bytes());
+    h.update(data);
+    rec.extend_from_slice(&h.finalize().to_le_bytes());
+    rec.extend_from_slice(key.as_bytes());
+    rec.extend_from_slice(data);
+    rec
+}
+
+struct Header {
+    kind: u8,
+    generation: u64,
+    written: DateTime<Utc>,
+    key_len: u32,
+    data_len: u32,
+    crc: u32,
+}
+
+fn parse_header(h: &[u8; HEADER]) -> Option<Header> {
+    if &h[0..4] != MAGIC || h[5..8] != [0, 0, 0] {
+        return None;
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
+    let micros = i64::from_le_bytes(h[16..24].try_into().unwrap());
+    Some(Header {
+        kind: h[4],
+        generation: u64::from_le_bytes(h[8..16].try_into().unwrap()),
+        written: DateTime::from_timestamp_micros(micros)?,
+        key_len: u32_at(24),
+        data_len: u32_at(28),
+        crc: u32_at(32),
+    })
+}
+
+fn crc_ok(h: &[u8; HEADER], key: &[u8], data: &[u8], crc: u32) -> bool {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..32]);
+    c.update(key);
+    c.update(data);
+    c.finalize() == crc
+}
+
+/// Apply one journal file's valid records to `view`.
+fn scan_file(dir: &Path, generation: u64, view: &mut View) -> io::Result<()> {
+    let f = match File::open(file_path(dir, generation)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()), // retired meanwhile
+        Err(e) => return Err(e),
+    };
+    let size = f.metadata()?.len();
+    let mut r = io::BufReader::with_capacity(1 << 20, f);
+    view.live.entry(generation).or_default();
+    let mut offset = 0u64;
+    let mut h = [0u8; HEADER];
+    let mut body = Vec::new();
+    while offset + HEADER as u64 <= size {
+        r.read_exact(&mut h)?;
+        let Some(hd) = parse_header(&h) else { break };
+        let len = hd.key_len as u64 + hd.data_len as u64;
+        if hd.generation != generation
+            || hd.data_len as usize > MAX_DATA
+            || hd.key_len > 1024
+            || offset + HEADER as u64 + len > size
+            || !(hd.kind == PUT || (hd.kind == DELETE && hd.data_len == 0))
+        {
+            break;
+        }
+        body.resize(len as usize, 0);
+        r.read_exact(&mut body)?;
+        let (key, data) = body.split_at(hd.key_len as usize);
+        if !crc_ok(&h, key, data, hd.crc) {
+            break;
+        }
+        let Ok(key) = std::str::from_utf8(key) else { break };
+        if hd.kind == PUT {
+            let e = Entry { generation, offset, key_len: hd.key_len, data_len: hd.data_len, written: hd.written };
+            view.add(key.to_string(), e);
+        } else {
+            view.remove(key);
+        }
+        offset += HEADER as u64 + len;
+    }
+    view.ends.insert(generation, offset);
+    Ok(())
+}
+
+/// Scan every journal file in `dir` (none: an empty view).
+pub fn scan(dir: &Path) -> io::Result<View> {
+    let mut view = View::default();
+    for g in generations(dir)? {
+        scan_file(dir, g, &mut view)?;
+    }
+    Ok(view)
+}
+
+/// Read a journaled object's data, checking its record again (a file retired since the scan
+/// is `NotFound`; a record that no longer validates is an error).
+pub fn read(dir: &Path, key: &str, e: &Entry) -> io::Result<Vec<u8>> {
+    let f = File::open(file_path(dir, e.generation))?;
+    let mut rec = vec![0u8; e.record_len() as usize];
+    f.read_exact_at(&mut rec, e.offset)?;
+    let h: [u8; HEADER] = rec[..HEADER].try_into().unwrap();
+    let (k, data) = rec[HEADER..].split_at(e.key_len as usize);
+    let valid = parse_header(&h)
+        .map(|hd| hd.kind == PUT && hd.generation == e.generation && k == key.as_bytes() && crc_ok(&h, k, data, hd.crc))
+        .unwrap_or(false);
+    if !valid {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("journal record of {key} in {} does not validate", file_path(dir, e.generation).display()),
+        ));
+    }
+    rec.drain(..HEADER + e.key_len as usize);
+    Ok(rec)
+}
+
+/// The file records are appended to.
+struct Current {
+    generation: u64,
+    file: Arc<File>,
+    written: u64,
+    /// Records up to here are known flushed.
+    synced: u64,
+}
+
+struct State {
+    view: View,
+    current: Option<Current>,
+    next_generation: u64,
+}
+
+/// The writer's side: the agent's store owns one.
+pub struct Journal {
+    dir: PathBuf,
+    file_mode: u32,
+    size: u64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("dir", &self.dir).finish()
+    }
+}
+
+impl Journal {
+    /// Open (creating `ROOT/.journal`) for writing. Objects that exist as files under `root`
+    /// are the files' (dropped from the view); files left with nothing live are removed.
+    pub fn open(root: &Path, dir_mode: u32, file_mode: u32, size: u64) -> io::Result<Journal> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = root.join(DIR);
+        fs::DirBuilder::new().recursive(true).mode(dir_mode).create(&dir)?;
+        let mut view = scan(&dir)?;
+        let shadowed: Vec<String> = view.entries.keys().filter(|k| root.join(k).is_file()).cloned().collect();
+        for k in shadowed {
+            view.remove(&k);
+        }
+        let next_generation = view.live.keys().next_back().map_or(1, |g| g + 1);
+        let j = Journal { dir, file_mode, size, state: Mutex::new(State { view, current: None, next_generation }) };
+        let mut st = j.state.lock().unwrap();
+        j.retire(&mut st);
+        drop(st);
+        Ok(j)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The live object under `key`, if journaled.
+    pub fn entry(&self, key: &str) -> Option<Entry> {
+        self.state.lock().unwrap().view.entries.get(key).cloned()
+    }
+
+    /// Live objects whose key starts with `prefix`.
+    pub fn entries(&self, prefix: &str) -> Vec<(String, Entry)> {
+        let st = self.state.lock().unwrap();
+        st.view
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Whether an object of `len` bytes under `key` goes into the journal.
+    pub fn takes(&self, key: &str, len: usize) -> bool {
+        len <= MAX_DATA && (HEADER + key.len() + len) as u64 <= self.size
+    }
+
+    /// A new preallocated file (zeros, fsynced, its directory fsynced).
+    fn create_file(&self, generation: u64) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = file_path(&self.dir, generation);
+        let f = fs::OpenOptions::new().read(true).write(true).create_new(true).mode(self.file_mode).open(&path)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0;
+        let r = (|| {
+            while off < self.size {
+                let n = zeros.len().min((self.size - off) as usize);
+                f.write_all_at(&zeros[..n], off)?;
+                off += n as u64;
+            }
+            f.sync_all()?;
+            crate::fsutil::fsync_dir(&self.dir)
+        })();
+        if let Err(e) = r {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(f)
+    }
+
+    /// Remove journal files with nothing live, oldest first, while no older file remains
+    /// (a tombstone in a file only matters while the file of the put it cancels exists).
+    fn retire(&self, st: &mut State) {
+        let current = st.current.as_ref().map(|c| c.generation);
+        let mut removed = false;
+        while let Some((&g, &n)) = st.view.live.iter().next() {
+            if n > 0 || Some(g) == current {
+                break;
+            }
+            match fs::remove_file(file_path(&self.dir, g)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!("could not remove retired journal file {}: {e}", file_path(&self.dir, g).display());
+                    break;
+                }
+            }
+            st.view.live.remove(&g);
+            st.view.ends.remove(&g);
+        }
+        if removed {
+            let _ = crate::fsutil::fsync_dir(&self.dir);
+        }
+    }
+
+    /// Append `rec` to the current file (rolling to a new one when it does not fit): the file
+    /// and where the record starts and ends.
+    fn append(
+        &self,
+        st: &mut State,
+        kind: u8,
+        written: DateTime<Utc>,
+        key: &str,
+        data: &[u8],
+    ) -> io::Result<(Arc<File>, u64, u64, u64)> {
+        let len = (HEADER + key.len() + data.len()) as u64;
+        if !st.current.as_ref().is_some_and(|c| c.written + len <= self.size) {
+            let generation = st.next_generation;
+            let file = self.create_file(generation)?;
+            st.next_generation += 1;
+            st.view.live.entry(generation).or_default();
+            st.current = Some(Current { generation, file: Arc::new(file), written: 0, synced: 0 });
+            self.retire(st);
+        }
+        let c = st.current.as_mut().expect("a current file");
+        let rec = encode(kind, c.generation, written, key, data);
+        let offset = c.written;
+        if let Err(e) = c.file.write_all_at(&rec, offset) {
+            // What this file holds past `synced` is unknown now: leave it.
+            st.current = None;
+            return Err(e);
+        }
+        c.written += rec.len() as u64;
+        Ok((c.file.clone(), c.generation, offset, c.written))
+    }
+
+    /// Journal a write-once object: `AlreadyExists` if it is journaled; returns once durable.
+    pub fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
+        let written = Utc::now();
+        let (file, generation, offset, end) = {
+            let mut st = self.state.lock().unwrap();
+            if st.view.entries.contains_key(key) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "journaled"));
+            }
+            let (file, generation, offset, end) = self.append(&mut st, PUT, written, key, data)?;
+            let e = Entry { generation, offset, key_len: key.len() as u32, data_len: data.len() as u32, written };
+            st.view.add(key.to_string(), e);
+            (file, generation, offset, end)
+        };
+        // Group flush: a flush that started after this record was written covers it.
+        let target = {
+            let st = self.state.lock().unwrap();
+            match &st.current {
+                Some(c) if c.generation == generation && c.synced >= end => return Ok(()),
+                Some(c) if c.generation == generation => c.written,
+                _ => end,
+            }
+        };
+        match file.sync_data() {
+            Ok(()) => {
+                let mut st = self.state.lock().unwrap();
+                if let Some(c) = st.current.as_mut().filter(|c| c.generation == generation) {
+                    c.synced = c.synced.max(target);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Not durable, and after a failed flush nothing later in this file can be
+                // trusted: forget what was written past the last good flush, start a new file.
+                let mut st = self.state.lock().unwrap();
+                let synced = st.current.as_ref().filter(|c| c.generation == generation).map_or(offset, |c| c.synced);
+                let lost: Vec<String> = st
+                    .view
+                    .entries
+                    .iter()
+                    .filter(|(_, x)| x.generation == generation && x.offset >= synced.min(offset))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in lost {
+                    st.view.remove(&k);
+                }
+                if st.current.as_ref().is_some_and(|c| c.generation == generation) {
+                    st.current = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget journaled objects (tombstones appended, not flushed); returns the keys that were
+    /// journaled.
+    pub fn delete(&self, keys: &[String]) -> Vec<String> {
+        let mut st = self.state.lock().unwrap();
+        let now = Utc::now();
+        let mut gone = Vec::new();
+        for k in keys {
+            if st.view.remove(k) {
+                gone.push(k.clone());
+                if let Err(e) = self.append(&mut st, DELETE, now, k, &[]) {
+                    tracing::warn!(
+                        "could not append a journal tombstone for {k}: {e} (a redundant chunk may reappear)"
+                    );
+                }
+            }
+        }
+        self.retire(&mut st);
+        gone
+    }
+
+    /// Files in use (for tests and status): generations with a file on disk.
+    pub fn files(&self) -> Vec<u64> {
+        self.state.lock().unwrap().view.live.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(root: &Path, size: u64) -> Journal {
+        Journal::open(root, 0o700, 0o600, size).unwrap()
+    }
+
+    #[test]
+    fn put_scan_delete_and_retire() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path(), 4096);
+        j.put("wal/a", b"alpha").unwrap();
+        j.put("wal/b", b"beta").unwrap();
+        assert_eq!(j.put("wal/a", b"alpha").unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        let e = j.entry("wal/a").unwrap();
+        assert_eq!(read(j.dir(), "wal/a", &e).unwrap(), b"alpha");
+        // Another process's scan sees both.
+        let v = scan(j.dir()).unwrap();
+        assert_eq!(v.entries.keys().collect::<Vec<_>>(), ["wal/a", "wal/b"]);
+        // Fill past one file: a second file, the first still live.
+        for i in 0..40 {
+            j.put(&format!("wal/c{i:02}"), &[i as u8; 100]).unwrap();
+        }
+        assert!(j.files().len() >= 2, "{:?}", j.files());
+        assert_eq!(scan(j.dir()).unwrap().entries.len(), 42);
+        // Deleting everything in the first file retires it; tombstones hide the rest.
+        let keys: Vec<String> = scan(j.dir()).unwrap().entries.keys().cloned().collect();
+        let first = j.files()[0];
+        assert_eq!(j.delete(&keys).len(), 42);
+        assert!(!file_path(j.dir(), first).exists());
+        assert!(scan(j.dir()).unwrap().entries.is_empty());
+        // A restarted writer finds nothing live and keeps no file but none at all.
+        drop(j);
+        let j = open(dir.path(), 4096);
+        assert!(j.entries("").is_empty());
+        assert!(generations(j.dir()).unwrap().is_empty(), "{:?}", generations(j.dir()));
+    }
+
+    #[test]
+    fn torn_tail_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path(), 1 << 16);
+        j.put("wal/x", b"one").unwrap();
+        j.put("wal/y", b"two").unwrap();
+        let g = j.files()[0];
+        let e = j.entry("wal/y").unwrap();
+        drop(j);
+        // A write the crash cut short: the second record's data damaged.
+        let f = fs::OpenOptions::new().write(true).open(file_path(&dir.path().join(DIR), g)).unwrap();
+        f.write_all_at(b"X", e.offset + HEADER as u64 + e.key_len as u64).unwrap();
+        let v = scan(&dir.path().join(DIR)).unwrap();
+        assert_eq!(v.entries.keys().collect::<Vec<_>>(), ["wal/x"]);
+        // The writer reopens: the valid object stays, new records go into a new file.
+        let j = open(dir.path(), 1 << 16);
+        assert!(j.entry("wal/x").is_some() && j.entry("wal/y").is_none());
+        j.put("wal/y", b"two").unwrap();
+        assert_ne!(j.entry("wal/y").unwrap().generation, g);
+        // An object that exists as a file is the file's.
+        fs::create_dir_all(dir.path().join("wal")).unwrap();
+        fs::write(dir.path().join("wal/x"), b"one").unwrap();
+        drop(j);
+        let j = open(dir.path(), 1 << 16);
+        assert!(j.entry("wal/x").is_none());
+        assert!(!file_path(j.dir(), g).exists(), "the first file held nothing live: removed");
+    }
+
+    #[test]
+    fn a_record_copied_into_another_file_does_not_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path(), 4096);
+        j.put("wal/a", b"alpha").unwrap();
+        let g = j.files()[0];
+        drop(j);
+        let jd = dir.path().join(DIR);
+        let bytes = fs::read(file_path(&jd, g)).unwrap();
+        fs::write(file_path(&jd, g + 5), &bytes).unwrap();
+        fs::remove_file(file_path(&jd, g)).unwrap();
+        assert!(scan(&jd).unwrap().entries.is_empty());
+    }
+}
