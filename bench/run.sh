@@ -94,7 +94,7 @@ else
   stream_args=(--bulk-scale 100 --seconds 20 --runs 3 --latency-seconds 15)
   backup_args=(--scale 300 --wal-mib 1024 --runs 3)
   incr_args=(--scale 300 --runs 1)
-  sync_args=(--seconds 10 --clients 1,4,16)
+  sync_args=(--seconds 10 --clients 1,4,16 --runs 3)
   dump_args=(--scale 300 --runs 4)
   if [ $single = 1 ]; then
     # One run each and scale 100 databases (1.5 GiB) for backups and dumps; incrementals at

@@ -29,6 +29,9 @@ struct Cli {
     seconds: u32,
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     clients: Vec<u32>,
+    /// Rounds of every archiver (each round runs them all in turn); the table gives medians.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     #[arg(long)]
     out: Option<std::path::PathBuf>,
     /// Only these archivers (for experiments): sync-local, sync-s3, receivewal, async.
@@ -233,34 +236,53 @@ async fn main() -> Result<()> {
     let t_all = Instant::now();
     let s3 = S3Server::start().await?;
     let (put50, put99) = put_latency(&s3).await?;
-    let mut rows = Vec::new();
-    for (mode, short) in [
-        (Mode::WalvaultSyncLocal, "sync-local"),
-        (Mode::WalvaultSyncS3, "sync-s3"),
-        (Mode::PgReceivewalSync, "receivewal"),
-        (Mode::WalvaultAsync, "async"),
-    ] {
-        if !cli.only.is_empty() && !cli.only.iter().any(|o| o == short) {
+    let mut all = Vec::new();
+    for _ in 0..cli.runs.max(1) {
+        for (mode, short) in [
+            (Mode::WalvaultSyncLocal, "sync-local"),
+            (Mode::WalvaultSyncS3, "sync-s3"),
+            (Mode::PgReceivewalSync, "receivewal"),
+            (Mode::WalvaultAsync, "async"),
+        ] {
+            if !cli.only.is_empty() && !cli.only.iter().any(|o| o == short) {
+                continue;
+            }
+            all.extend(run_mode(mode, &cli, &s3).await.with_context(|| mode.name())?);
+        }
+    }
+    // Medians over the rounds, per archiver and client count (in the order first run).
+    let mut rows: Vec<(Row, f64, f64)> = Vec::new();
+    for r in &all {
+        if rows.iter().any(|(x, _, _)| x.mode == r.mode && x.clients == r.clients) {
             continue;
         }
-        rows.extend(run_mode(mode, &cli, &s3).await.with_context(|| mode.name())?);
+        let same: Vec<&Row> = all.iter().filter(|x| x.mode == r.mode && x.clients == r.clients).collect();
+        let med = |f: fn(&Row) -> f64| percentile(&same.iter().map(|x| f(x)).collect::<Vec<_>>(), 50.0);
+        let tps: Vec<f64> = same.iter().map(|x| x.tps).collect();
+        let (lo, hi) = tps.iter().fold((f64::MAX, f64::MIN), |(a, b), &t| (a.min(t), b.max(t)));
+        let row =
+            Row { mode: r.mode, clients: r.clients, tps: med(|x| x.tps), p50_ms: med(|x| x.p50_ms), p99_ms: med(|x| x.p99_ms) };
+        rows.push((row, lo, hi));
     }
+    let rows_only: Vec<&Row> = rows.iter().map(|(r, _, _)| r).collect();
     let mut s = String::new();
     use std::fmt::Write;
     writeln!(s, "## 5. Synchronous mode: commit latency and TPS\n")?;
     writeln!(
         s,
-        "date: {}; one-row INSERT per transaction (`pgbench -n -M prepared -f`), {} s per cell, latencies from pgbench's per-transaction log; SeaweedFS PUT of 16 KiB through walvault's S3 client: p50 {put50:.2} ms, p99 {put99:.2} ms; {:.0} s in all\n",
+        "date: {}; one-row INSERT per transaction (`pgbench -n -M prepared -f`), {} s per cell, {} round(s) of every archiver in turn, medians (TPS range in brackets); latencies from pgbench's per-transaction log; SeaweedFS PUT of 16 KiB through walvault's S3 client: p50 {put50:.2} ms, p99 {put99:.2} ms; {:.0} s in all\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%MZ"),
         cli.seconds,
+        cli.runs.max(1),
         t_all.elapsed().as_secs_f64()
     )?;
     writeln!(s, "| archiver | clients | TPS | latency p50 ms | p99 ms |")?;
     writeln!(s, "|---|---:|---:|---:|---:|")?;
-    for r in &rows {
-        writeln!(s, "| {} | {} | {:.0} | {:.2} | {:.2} |", r.mode.name(), r.clients, r.tps, r.p50_ms, r.p99_ms)?;
+    for (r, lo, hi) in &rows {
+        let range = if cli.runs > 1 { format!(" ({lo:.0}–{hi:.0})") } else { String::new() };
+        writeln!(s, "| {} | {} | {:.0}{range} | {:.2} | {:.2} |", r.mode.name(), r.clients, r.tps, r.p50_ms, r.p99_ms)?;
     }
-    let get = |m: Mode, c: u32| rows.iter().find(|r| r.mode == m && r.clients == c);
+    let get = |m: Mode, c: u32| rows_only.iter().copied().find(|r| r.mode == m && r.clients == c);
     writeln!(s)?;
     if let (Some(w), Some(p)) = (get(Mode::WalvaultSyncLocal, 16), get(Mode::PgReceivewalSync, 16)) {
         writeln!(
