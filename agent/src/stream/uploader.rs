@@ -275,7 +275,17 @@ impl Uploader {
     }
 
     fn on_done(&mut self, done: Done) {
-        let Done::Chunk { seq, end, record, frame } = done else { return };
+        let Done::Chunk { seq, end, record, frame } = done else {
+            // A whole segment's buffers (its compressed frames, the sealed object, the S3
+            // client's request) were just freed: give the free pages back to the system, so
+            // that RSS follows what is held rather than what was once held.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            return;
+        };
         self.frames.insert(record.start_lsn, frame);
         self.records.push(record);
         self.durable.insert(seq, end);

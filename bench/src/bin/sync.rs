@@ -260,8 +260,13 @@ async fn main() -> Result<()> {
         let med = |f: fn(&Row) -> f64| percentile(&same.iter().map(|x| f(x)).collect::<Vec<_>>(), 50.0);
         let tps: Vec<f64> = same.iter().map(|x| x.tps).collect();
         let (lo, hi) = tps.iter().fold((f64::MAX, f64::MIN), |(a, b), &t| (a.min(t), b.max(t)));
-        let row =
-            Row { mode: r.mode, clients: r.clients, tps: med(|x| x.tps), p50_ms: med(|x| x.p50_ms), p99_ms: med(|x| x.p99_ms) };
+        let row = Row {
+            mode: r.mode,
+            clients: r.clients,
+            tps: med(|x| x.tps),
+            p50_ms: med(|x| x.p50_ms),
+            p99_ms: med(|x| x.p99_ms),
+        };
         rows.push((row, lo, hi));
     }
     let rows_only: Vec<&Row> = rows.iter().map(|(r, _, _)| r).collect();

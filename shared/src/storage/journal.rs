@@ -205,11 +205,12 @@ fn crc_ok(h: &[u8; HEADER], key: &[u8], data: &[u8], crc: u32) -> bool {
     c.finalize() == crc
 }
 
-/// Apply one journal file's valid records to `view`.
-fn scan_file(dir: &Path, generation: u64, view: &mut View) -> io::Result<()> {
+/// Apply one journal file's valid records to `view`; `false` if the file is gone (retired
+/// since the directory was read).
+fn scan_file(dir: &Path, generation: u64, view: &mut View) -> io::Result<bool> {
     let f = match File::open(file_path(dir, generation)) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()), // retired meanwhile
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
     let size = f.metadata()?.len();
@@ -246,16 +247,24 @@ fn scan_file(dir: &Path, generation: u64, view: &mut View) -> io::Result<()> {
         offset += HEADER as u64 + len;
     }
     view.ends.insert(generation, offset);
-    Ok(())
+    Ok(true)
 }
 
-/// Scan every journal file in `dir` (none: an empty view).
+/// Scan every journal file in `dir` (none: an empty view). A file retired during the scan
+/// had its live objects copied into a newer file first (compaction), which a directory read
+/// after the retirement lists: the scan starts again then.
 pub fn scan(dir: &Path) -> io::Result<View> {
-    let mut view = View::default();
-    for g in generations(dir)? {
-        scan_file(dir, g, &mut view)?;
+    for _ in 0..8 {
+        let mut view = View::default();
+        let mut whole = true;
+        for g in generations(dir)? {
+            whole &= scan_file(dir, g, &mut view)?;
+        }
+        if whole {
+            return Ok(view);
+        }
     }
-    Ok(view)
+    Err(io::Error::other(format!("the journal in {} changed during 8 scans in a row", dir.display())))
 }
 
 /// Read a journaled object's data, checking its record again (a file retired since the scan
@@ -279,10 +288,10 @@ pub fn read(dir: &Path, key: &str, e: &Entry) -> io::Result<Vec<u8>> {
     Ok(rec)
 }
 
-/// The file records are appended to.
-struct Current {
-    generation: u64,
+/// A journal file the writer has open.
+struct Open {
     file: Arc<File>,
+    /// Where the next record goes.
     written: u64,
     /// Records up to here are known flushed.
     synced: u64,
@@ -290,16 +299,38 @@ struct Current {
 
 struct State {
     view: View,
-    current: Option<Current>,
+    files: BTreeMap<u64, Open>,
+    current: Option<u64>,
     next_generation: u64,
+    /// Files a flush of which failed: what was written to them after their last good flush is
+    /// not durable, and no later flush may say otherwise (Linux reports a writeback error to
+    /// one flush only).
+    failed: std::collections::BTreeSet<u64>,
+    /// Older files hold live objects: copy them into the current file (see [`Journal::compact`]).
+    compact_due: bool,
 }
 
-/// The writer's side: the agent's store owns one.
+/// The writer's side: the agent's store owns one (and holds `.journal/LOCK` while it does).
 pub struct Journal {
     dir: PathBuf,
     file_mode: u32,
     size: u64,
     state: Mutex<State>,
+    /// One flush at a time, so that a failed flush is recorded before the next one starts.
+    flush: Mutex<()>,
+    /// A preallocated next file, made off the commit path.
+    spare: Arc<Mutex<Option<(u64, File)>>>,
+    /// The threads making spares (joined on drop: no file appears after the writer is gone).
+    spare_jobs: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        for h in self.spare_jobs.get_mut().unwrap().drain(..) {
+            let _ = h.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -308,24 +339,87 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+fn not_durable(dir: &Path, generation: u64) -> io::Error {
+    io::Error::other(format!(
+        "an earlier flush of journal file {} failed: what was written after it is not durable",
+        file_path(dir, generation).display()
+    ))
+}
+
+/// A new preallocated journal file (zeros, fsynced, its directory fsynced).
+fn create_file(dir: &Path, generation: u64, size: u64, mode: u32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = file_path(dir, generation);
+    let f = fs::OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let r = (|| {
+        let mut off = 0;
+        while off < size {
+            let n = zeros.len().min((size - off) as usize);
+            f.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
+        f.sync_all()?;
+        crate::fsutil::fsync_dir(dir)
+    })();
+    if let Err(e) = r {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(f)
+}
+
 impl Journal {
-    /// Open (creating `ROOT/.journal`) for writing. Objects that exist as files under `root`
-    /// are the files' (dropped from the view); files left with nothing live are removed.
-    pub fn open(root: &Path, dir_mode: u32, file_mode: u32, size: u64) -> io::Result<Journal> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// Open (creating `ROOT/.journal`) for writing: `None` when another process holds the
+    /// journal (a second agent on one archive: it writes files). Objects that exist as files
+    /// under `root` are the files' (dropped from the view); files left with nothing live are
+    /// removed.
+    pub fn open(root: &Path, dir_mode: u32, file_mode: u32, size: u64) -> io::Result<Option<Journal>> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::io::AsRawFd;
         let dir = root.join(DIR);
         fs::DirBuilder::new().recursive(true).mode(dir_mode).create(&dir)?;
+        let lock = fs::OpenOptions::new().read(true).write(true).create(true).mode(file_mode).open(dir.join("LOCK"))?;
+        // SAFETY: flock(2) on a descriptor this function owns (std's File::try_lock needs Rust
+        // 1.89, above this crate's minimum).
+        #[allow(unsafe_code)]
+        let held = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+        if held {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        }
         let mut view = scan(&dir)?;
         let shadowed: Vec<String> = view.entries.keys().filter(|k| root.join(k).is_file()).cloned().collect();
         for k in shadowed {
             view.remove(&k);
         }
-        let next_generation = view.live.keys().next_back().map_or(1, |g| g + 1);
-        let j = Journal { dir, file_mode, size, state: Mutex::new(State { view, current: None, next_generation }) };
+        // Generations only grow, across restarts too (a reader's cached entry never points
+        // into a different file of the same number).
+        let now = Utc::now().timestamp_micros().max(0) as u64;
+        let next_generation = view.live.keys().next_back().map_or(now, |g| (g + 1).max(now));
+        let compact_due = view.live.values().any(|&n| n > 0);
+        let state = State {
+            view,
+            files: BTreeMap::new(),
+            current: None,
+            next_generation,
+            failed: Default::default(),
+            compact_due,
+        };
+        let j = Journal {
+            dir,
+            file_mode,
+            size,
+            state: Mutex::new(state),
+            flush: Mutex::new(()),
+            spare: Default::default(),
+            spare_jobs: Default::default(),
+            _lock: lock,
+        };
         let mut st = j.state.lock().unwrap();
         j.retire(&mut st);
         drop(st);
-        Ok(j)
+        Ok(Some(j))
     }
 
     pub fn dir(&self) -> &Path {
@@ -353,36 +447,12 @@ impl Journal {
         len <= MAX_DATA && (HEADER + key.len() + len) as u64 <= self.size
     }
 
-    /// A new preallocated file (zeros, fsynced, its directory fsynced).
-    fn create_file(&self, generation: u64) -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = file_path(&self.dir, generation);
-        let f = fs::OpenOptions::new().read(true).write(true).create_new(true).mode(self.file_mode).open(&path)?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut off = 0;
-        let r = (|| {
-            while off < self.size {
-                let n = zeros.len().min((self.size - off) as usize);
-                f.write_all_at(&zeros[..n], off)?;
-                off += n as u64;
-            }
-            f.sync_all()?;
-            crate::fsutil::fsync_dir(&self.dir)
-        })();
-        if let Err(e) = r {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
-        Ok(f)
-    }
-
     /// Remove journal files with nothing live, oldest first, while no older file remains
     /// (a tombstone in a file only matters while the file of the put it cancels exists).
     fn retire(&self, st: &mut State) {
-        let current = st.current.as_ref().map(|c| c.generation);
         let mut removed = false;
         while let Some((&g, &n)) = st.view.live.iter().next() {
-            if n > 0 || Some(g) == current {
+            if n > 0 || Some(g) == st.current {
                 break;
             }
             match fs::remove_file(file_path(&self.dir, g)) {
@@ -395,14 +465,57 @@ impl Journal {
             }
             st.view.live.remove(&g);
             st.view.ends.remove(&g);
+            st.files.remove(&g);
+            st.failed.remove(&g);
         }
         if removed {
             let _ = crate::fsutil::fsync_dir(&self.dir);
         }
     }
 
-    /// Append `rec` to the current file (rolling to a new one when it does not fit): the file
-    /// and where the record starts and ends.
+    /// Start a new current file: the spare if one is ready, else made now.
+    fn roll(&self, st: &mut State) -> io::Result<()> {
+        // A spare made before a file was created inline is older than it: not used.
+        let newest = st.view.live.keys().next_back().copied().max(st.files.keys().next_back().copied());
+        let spare = match self.spare.lock().unwrap().take() {
+            Some((g, f)) if newest.is_none_or(|n| g > n) => Some((g, f)),
+            Some((g, _)) => {
+                let _ = fs::remove_file(file_path(&self.dir, g));
+                None
+            }
+            None => None,
+        };
+        let (generation, file) = match spare {
+            Some(s) => s,
+            None => {
+                let g = st.next_generation;
+                st.next_generation += 1;
+                (g, create_file(&self.dir, g, self.size, self.file_mode)?)
+            }
+        };
+        st.view.live.entry(generation).or_default();
+        st.files.insert(generation, Open { file: Arc::new(file), written: 0, synced: 0 });
+        st.current = Some(generation);
+        st.compact_due |= st.view.live.iter().any(|(&g, &n)| g != generation && n > 0);
+        self.retire(st);
+        // The next one, off the commit path (one at a time; its generation is above every
+        // file made so far).
+        let mut jobs = self.spare_jobs.lock().unwrap();
+        jobs.retain(|h| !h.is_finished());
+        if jobs.is_empty() && self.spare.lock().unwrap().is_none() {
+            let (dir, g, size, mode, slot) =
+                (self.dir.clone(), st.next_generation, self.size, self.file_mode, self.spare.clone());
+            st.next_generation += 1;
+            jobs.push(std::thread::spawn(move || match create_file(&dir, g, size, mode) {
+                Ok(f) => *slot.lock().unwrap() = Some((g, f)),
+                Err(e) => tracing::warn!("could not preallocate the next journal file: {e} (made when needed)"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Append a record to the current file (rolling to a new one when it does not fit):
+    /// its generation, offset and end.
     fn append(
         &self,
         st: &mut State,
@@ -410,75 +523,160 @@ impl Journal {
         written: DateTime<Utc>,
         key: &str,
         data: &[u8],
-    ) -> io::Result<(Arc<File>, u64, u64, u64)> {
+    ) -> io::Result<(u64, u64, u64)> {
         let len = (HEADER + key.len() + data.len()) as u64;
-        if !st.current.as_ref().is_some_and(|c| c.written + len <= self.size) {
-            let generation = st.next_generation;
-            let file = self.create_file(generation)?;
-            st.next_generation += 1;
-            st.view.live.entry(generation).or_default();
-            st.current = Some(Current { generation, file: Arc::new(file), written: 0, synced: 0 });
-            self.retire(st);
+        let fits = |st: &State| st.current.and_then(|g| st.files.get(&g)).is_some_and(|o| o.written + len <= self.size);
+        if !fits(st) {
+            self.roll(st)?;
         }
-        let c = st.current.as_mut().expect("a current file");
-        let rec = encode(kind, c.generation, written, key, data);
-        let offset = c.written;
-        if let Err(e) = c.file.write_all_at(&rec, offset) {
-            // What this file holds past `synced` is unknown now: leave it.
+        let g = st.current.expect("a current file");
+        let o = st.files.get_mut(&g).expect("the current file is open");
+        let rec = encode(kind, g, written, key, data);
+        let offset = o.written;
+        if let Err(e) = o.file.write_all_at(&rec, offset) {
+            // What this file holds past its last flush is unknown now: leave it.
             st.current = None;
             return Err(e);
         }
-        c.written += rec.len() as u64;
-        Ok((c.file.clone(), c.generation, offset, c.written))
+        o.written += rec.len() as u64;
+        Ok((g, offset, o.written))
     }
 
-    /// Journal a write-once object: `AlreadyExists` if it is journaled; returns once durable.
-    pub fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
-        let written = Utc::now();
-        let (file, generation, offset, end) = {
-            let mut st = self.state.lock().unwrap();
-            if st.view.entries.contains_key(key) {
-                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "journaled"));
-            }
-            let (file, generation, offset, end) = self.append(&mut st, PUT, written, key, data)?;
-            let e = Entry { generation, offset, key_len: key.len() as u32, data_len: data.len() as u32, written };
-            st.view.add(key.to_string(), e);
-            (file, generation, offset, end)
-        };
-        // Group flush: a flush that started after this record was written covers it.
-        let target = {
+    /// Make the records of `generation` up to `end` durable (a flush already done that covers
+    /// them counts).
+    fn flush_through(&self, generation: u64, end: u64) -> io::Result<()> {
+        let _one = self.flush.lock().unwrap();
+        let (file, target) = {
             let st = self.state.lock().unwrap();
-            match &st.current {
-                Some(c) if c.generation == generation && c.synced >= end => return Ok(()),
-                Some(c) if c.generation == generation => c.written,
-                _ => end,
+            match st.files.get(&generation) {
+                // Retired: nothing in it is live any more (deleted, or copied and flushed).
+                None => return Ok(()),
+                Some(o) if o.synced >= end => return Ok(()),
+                Some(_) if st.failed.contains(&generation) => return Err(not_durable(&self.dir, generation)),
+                Some(o) => (o.file.clone(), o.written),
             }
         };
-        match file.sync_data() {
+        let r = file.sync_data();
+        let mut st = self.state.lock().unwrap();
+        match r {
             Ok(()) => {
-                let mut st = self.state.lock().unwrap();
-                if let Some(c) = st.current.as_mut().filter(|c| c.generation == generation) {
-                    c.synced = c.synced.max(target);
+                if let Some(o) = st.files.get_mut(&generation) {
+                    o.synced = o.synced.max(target);
                 }
                 Ok(())
             }
             Err(e) => {
-                // Not durable, and after a failed flush nothing later in this file can be
-                // trusted: forget what was written past the last good flush, start a new file.
-                let mut st = self.state.lock().unwrap();
-                let synced = st.current.as_ref().filter(|c| c.generation == generation).map_or(offset, |c| c.synced);
+                tracing::error!("flush of journal file {} failed: {e}", file_path(&self.dir, generation).display());
+                st.failed.insert(generation);
+                if st.current == Some(generation) {
+                    st.current = None;
+                }
+                // Forget what was not flushed: its puts fail and are retried into a new file.
+                let synced = st.files.get(&generation).map_or(0, |o| o.synced);
                 let lost: Vec<String> = st
                     .view
                     .entries
                     .iter()
-                    .filter(|(_, x)| x.generation == generation && x.offset >= synced.min(offset))
+                    .filter(|(_, x)| x.generation == generation && x.offset >= synced)
                     .map(|(k, _)| k.clone())
                     .collect();
                 for k in lost {
                     st.view.remove(&k);
                 }
-                if st.current.as_ref().is_some_and(|c| c.generation == generation) {
+                Err(e)
+            }
+        }
+    }
+
+    /// Journal a write-once object; returns once it is durable. `AlreadyExists` if the key is
+    /// journaled (made durable first: a put whose caller gave up waiting may not be flushed
+    /// yet, and its retry must not be told the object exists before it does).
+    pub fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
+        let written = Utc::now();
+        let (generation, end) = {
+            let mut st = self.state.lock().unwrap();
+            if let Some(e) = st.view.entries.get(key).cloned() {
+                drop(st);
+                self.flush_through(e.generation, e.offset + e.record_len())?;
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "journaled"));
+            }
+            let (g, offset, end) = self.append(&mut st, PUT, written, key, data)?;
+            let e = Entry { generation: g, offset, key_len: key.len() as u32, data_len: data.len() as u32, written };
+            st.view.add(key.to_string(), e);
+            (g, end)
+        };
+        self.flush_through(generation, end)?;
+        if self.state.lock().unwrap().compact_due {
+            if let Err(e) = self.compact() {
+                tracing::warn!("could not compact the commit journal: {e} (tried again at the next new file)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy the live objects of older files into the current one, flush it, and retire the
+    /// older files: a few chunks that never die (the last chunks of a timeline that ended) do
+    /// not keep every later file. Done when a new file is started, after the put that started it.
+    fn compact(&self) -> io::Result<()> {
+        let _one = self.flush.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        st.compact_due = false;
+        let Some(current) = st.current else { return Ok(()) };
+        let old: Vec<(String, Entry)> = st
+            .view
+            .entries
+            .iter()
+            .filter(|(_, e)| e.generation < current)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut moved = Vec::new();
+        let mut result = Ok(());
+        for (k, e) in old {
+            let data = match read(&self.dir, &k, &e) {
+                Ok(d) => d,
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            };
+            if st.files.get(&current).is_none_or(|o| o.written + e.record_len() > self.size) {
+                break; // the rest waits for the next file
+            }
+            match self.append(&mut st, PUT, e.written, &k, &data) {
+                Ok((g, offset, _)) => {
+                    st.view.add(k.clone(), Entry { generation: g, offset, ..e.clone() });
+                    moved.push((k, e));
+                }
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            }
+        }
+        let Some(o) = st.files.get(&current) else { return result };
+        let (file, target) = (o.file.clone(), o.written);
+        drop(st);
+        let r = file.sync_data();
+        let mut st = self.state.lock().unwrap();
+        match r {
+            Ok(()) => {
+                if let Some(o) = st.files.get_mut(&current) {
+                    o.synced = o.synced.max(target);
+                }
+                self.retire(&mut st);
+                result
+            }
+            Err(e) => {
+                // The originals are still durable where they were.
+                st.failed.insert(current);
+                if st.current == Some(current) {
                     st.current = None;
+                }
+                for (k, e) in moved {
+                    st.view.add(k, e);
                 }
                 Err(e)
             }
@@ -505,7 +703,7 @@ impl Journal {
         gone
     }
 
-    /// Files in use (for tests and status): generations with a file on disk.
+    /// Journal files the writer knows of (tests, status).
     pub fn files(&self) -> Vec<u64> {
         self.state.lock().unwrap().view.live.keys().copied().collect()
     }
@@ -516,7 +714,7 @@ mod tests {
     use super::*;
 
     fn open(root: &Path, size: u64) -> Journal {
-        Journal::open(root, 0o700, 0o600, size).unwrap()
+        Journal::open(root, 0o700, 0o600, size).unwrap().expect("not held elsewhere")
     }
 
     #[test]
@@ -543,11 +741,44 @@ mod tests {
         assert_eq!(j.delete(&keys).len(), 42);
         assert!(!file_path(j.dir(), first).exists());
         assert!(scan(j.dir()).unwrap().entries.is_empty());
-        // A restarted writer finds nothing live and keeps no file but none at all.
+        // A restarted writer finds nothing live and keeps no file; its files are newer.
+        let before = generations(j.dir()).unwrap();
         drop(j);
         let j = open(dir.path(), 4096);
         assert!(j.entries("").is_empty());
         assert!(generations(j.dir()).unwrap().is_empty(), "{:?}", generations(j.dir()));
+        j.put("wal/z", b"zeta").unwrap();
+        assert!(before.iter().all(|&g| g < j.entry("wal/z").unwrap().generation));
+    }
+
+    #[test]
+    fn a_chunk_that_never_dies_does_not_pin_later_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path(), 4096);
+        j.put("wal/pinned", b"keep").unwrap();
+        for i in 0..200 {
+            let k = format!("wal/c{i:03}");
+            j.put(&k, &[1u8; 100]).unwrap();
+            j.delete(&[k]);
+        }
+        // About 30 KiB of records went through 4 KiB files: the pinned object was copied along.
+        let on_disk = generations(j.dir()).unwrap();
+        assert!(on_disk.len() <= 3, "current, its preallocated successor, one not compacted yet: {on_disk:?}");
+        let v = scan(j.dir()).unwrap();
+        assert_eq!(v.entries.keys().collect::<Vec<_>>(), ["wal/pinned"]);
+        assert_eq!(read(j.dir(), "wal/pinned", &v.entries["wal/pinned"]).unwrap(), b"keep");
+        drop(j);
+        let j = open(dir.path(), 4096);
+        assert!(j.entry("wal/pinned").is_some());
+    }
+
+    #[test]
+    fn one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path(), 4096);
+        assert!(Journal::open(dir.path(), 0o700, 0o600, 4096).unwrap().is_none(), "held by the first");
+        drop(j);
+        assert!(Journal::open(dir.path(), 0o700, 0o600, 4096).unwrap().is_some(), "free again");
     }
 
     #[test]

@@ -105,8 +105,16 @@ impl LocalStore {
                 self.root.join(journal::DIR).display()
             )
         })?;
-        self.journal = Some(Arc::new(j));
-        self.journal_puts = true;
+        match j {
+            Some(j) => {
+                self.journal = Some(Arc::new(j));
+                self.journal_puts = true;
+            }
+            None => tracing::warn!(
+                "another process holds the commit journal of {} (another walvault-agent on this archive?): writing chunks as files",
+                self.root.display()
+            ),
+        }
         Ok(self)
     }
 
@@ -125,6 +133,9 @@ impl LocalStore {
     /// The live journaled object under `key`: the writer's own view, or (in another process)
     /// the cached scan, scanned again when the key is not in it.
     fn journaled(&self, key: &str) -> io::Result<Option<journal::Entry>> {
+        if !crate::archive::names::is_chunk_key(key) {
+            return Ok(None); // only chunks are ever journaled
+        }
         if let Some(j) = &self.journal {
             return Ok(j.entry(key));
         }
@@ -146,10 +157,11 @@ impl LocalStore {
         let dir = self.root.join(journal::DIR);
         for attempt in 0..2 {
             let Some(e) = self.journaled(key)? else { return Ok(None) };
+            let stale = |k: io::ErrorKind| k == io::ErrorKind::NotFound || k == io::ErrorKind::InvalidData;
             match journal::read(&dir, key, &e) {
                 Ok(d) => return Ok(Some(d)),
-                // Retired since the cached scan: scan again.
-                Err(err) if err.kind() == io::ErrorKind::NotFound && self.journal.is_none() && attempt == 0 => {
+                // Retired (or compacted) since the cached scan: scan again.
+                Err(err) if stale(err.kind()) && self.journal.is_none() && attempt == 0 => {
                     *self.journal_cache.lock().unwrap() = None;
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -161,6 +173,10 @@ impl LocalStore {
 
     /// Journaled objects under `prefix` (a fresh scan in another process).
     fn journaled_list(&self, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
+        let wal = crate::archive::names::WAL_PREFIX;
+        if !(prefix.starts_with(wal) || wal.starts_with(prefix)) {
+            return Ok(Vec::new()); // only chunks are ever journaled
+        }
         let entries = match &self.journal {
             Some(j) => j.entries(prefix),
             None => {
@@ -311,6 +327,11 @@ impl Drop for TempGuard {
 }
 
 fn put_blocking(store: &LocalStore, key: &str, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<()> {
+    if mode == PutMode::IfAbsent && store.journal.is_none() && store.journaled(key)?.is_some() {
+        // A chunk journaled by the agent (this store does not write the journal): write-once
+        // holds across processes too.
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "journaled"));
+    }
     if let (Some(j), PutMode::IfAbsent) = (&store.journal, mode) {
         let exists = || io::Error::new(io::ErrorKind::AlreadyExists, "exists");
         if j.entry(key).is_some() {
@@ -450,10 +471,17 @@ impl ObjectStore for LocalStore {
         let md = match tokio::fs::metadata(&path).await {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let (store, k) = (self.clone(), key.to_string());
-                let entry = tokio::task::spawn_blocking(move || store.journaled(&k))
-                    .await
-                    .map_err(|e| StorageError::transient("head", key, e))?
-                    .map_err(|e| io_err("head", key, e))?;
+                let entry = tokio::task::spawn_blocking(move || {
+                    // Another process's cached scan may be stale: the record is read (and
+                    // checked) before it is reported.
+                    if store.journal.is_none() && store.read_journaled(&k)?.is_none() {
+                        return Ok(None);
+                    }
+                    store.journaled(&k)
+                })
+                .await
+                .map_err(|e| StorageError::transient("head", key, e))?
+                .map_err(|e| io_err("head", key, e))?;
                 return match entry {
                     Some(e) => {
                         Ok(ObjectMeta { key: key.to_string(), size: e.data_len as u64, last_modified: Some(e.written) })
