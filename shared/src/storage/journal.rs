@@ -38,19 +38,34 @@
 //!
 //! * A journaled put returns only after the `fdatasync` that covers its record (a record is
 //!   written, under a lock, after every earlier record, so a flush that covers it covers them:
-//!   a scan never finds an acknowledged record after a torn one).
+//!   a scan never finds an acknowledged record after a torn one). Flushes run one at a time;
+//!   once one fails, no later put in that file is acknowledged (Linux reports a writeback
+//!   error to one flush only), what was not flushed is forgotten and retried into a new file.
+//!   A put of a key already journaled (the retry of a put whose caller stopped waiting) is
+//!   told `AlreadyExists` only once that record is flushed.
+//! * One writer: [`Journal::open`] takes `flock` on `ROOT/.journal/LOCK`; a second agent on
+//!   the archive gets no journal and writes files, and a put of a key journaled by the first
+//!   is refused as existing (write-once across processes).
 //! * Every reader of the store sees journaled objects as objects: `get`, `get_range`, `head`,
 //!   `list` (the store merges them with its files), in this process and in others
 //!   (`walvault-recover` reading the archive while the agent writes, or after it was killed).
-//!   Other processes scan the journal files; a scan is cached and redone on a listing and when
-//!   a key is not found.
+//!   Only chunk keys are looked up there. Other processes scan the journal files; a scan is
+//!   cached and redone on a listing, when a key is not found, and when a cached record is
+//!   gone or no longer validates; a scan that finds a file vanished starts again (its live
+//!   records were copied into a newer file first).
 //! * Deleting a journaled object (the agent consolidating a segment, removing its chunks)
 //!   appends a tombstone (not flushed: a tombstone lost in a crash brings back a redundant
 //!   chunk, which the agent deletes at its next start, as it does files). A journal file is
-//!   removed once it holds no live object and no older journal file remains.
+//!   removed once it holds no live object and no older journal file remains. When a new file
+//!   is started, the live objects of older files are copied into it, flushed, and the older
+//!   files removed (compaction): chunks that are never deleted (the last chunks of a timeline
+//!   that ended) keep no file alive. The next file is preallocated by a thread beforehand.
+//! * Generations only grow, across restarts too (the next is at least the time in µs).
 //! * Only the agent writes the journal; other processes only read it, and a delete from
-//!   another process does not reach journaled objects (they are only ever chunks of the
-//!   segment the agent is filling, which only the agent deletes).
+//!   another process does not reach journaled objects (they are only ever chunks of segments
+//!   the agent is filling, which the agent deletes; a separate `walvault-agent expire` that
+//!   removes an ended timeline's last chunks leaves their journal copies to be listed until the
+//!   agent's own retention removes them).
 //! * Puts larger than [`MAX_DATA`] (whole segments, backup parts) and overwrites are files,
 //!   as without a journal.
 
