@@ -57,9 +57,11 @@
 //!   appends a tombstone (not flushed: a tombstone lost in a crash brings back a redundant
 //!   chunk, which the agent deletes at its next start, as it does files). A journal file is
 //!   removed once it holds no live object and no older journal file remains. When a new file
-//!   is started, the live objects of older files are copied into it, flushed, and the older
-//!   files removed (compaction): chunks that are never deleted (the last chunks of a timeline
-//!   that ended) keep no file alive. The next file is preallocated by a thread beforehand.
+//!   is started, the live objects of older files that are mostly dead (live records at most a
+//!   quarter of the file) are copied into it, flushed, and those files removed (compaction):
+//!   chunks that are never deleted (the last chunks of a timeline that ended) keep no file
+//!   alive, and a file still mostly live (the segment being filled) is left to empty itself.
+//!   The next file is preallocated by a thread beforehand.
 //! * Generations only grow, across restarts too (the next is at least the time in µs).
 //! * Only the agent writes the journal; other processes only read it, and a delete from
 //!   another process does not reach journaled objects (they are only ever chunks of segments
@@ -384,6 +386,20 @@ fn create_file(dir: &Path, generation: u64, size: u64, mode: u32) -> io::Result<
     Ok(f)
 }
 
+/// Older files whose live records are a small part of them (at most a quarter): the ones
+/// compaction copies from. A file mostly live holds the chunks of the segment being filled,
+/// which leave when it is consolidated; copying those would rewrite most of a file at every
+/// new one.
+fn sparse(view: &View, current: Option<u64>, size: u64) -> std::collections::BTreeSet<u64> {
+    let mut bytes: BTreeMap<u64, u64> = BTreeMap::new();
+    for e in view.entries.values() {
+        if Some(e.generation) != current {
+            *bytes.entry(e.generation).or_default() += e.record_len();
+        }
+    }
+    bytes.into_iter().filter(|&(_, b)| b > 0 && b <= size / 4).map(|(g, _)| g).collect()
+}
+
 impl Journal {
     /// Open (creating `ROOT/.journal`) for writing: `None` when another process holds the
     /// journal (a second agent on one archive: it writes files). Objects that exist as files
@@ -412,7 +428,7 @@ impl Journal {
         // into a different file of the same number).
         let now = Utc::now().timestamp_micros().max(0) as u64;
         let next_generation = view.live.keys().next_back().map_or(now, |g| (g + 1).max(now));
-        let compact_due = view.live.values().any(|&n| n > 0);
+        let compact_due = !sparse(&view, None, size).is_empty();
         let state = State {
             view,
             files: BTreeMap::new(),
@@ -511,7 +527,7 @@ impl Journal {
         st.view.live.entry(generation).or_default();
         st.files.insert(generation, Open { file: Arc::new(file), written: 0, synced: 0 });
         st.current = Some(generation);
-        st.compact_due |= st.view.live.iter().any(|(&g, &n)| g != generation && n > 0);
+        st.compact_due |= !sparse(&st.view, Some(generation), self.size).is_empty();
         self.retire(st);
         // The next one, off the commit path (one at a time; its generation is above every
         // file made so far).
@@ -637,11 +653,12 @@ impl Journal {
         let mut st = self.state.lock().unwrap();
         st.compact_due = false;
         let Some(current) = st.current else { return Ok(()) };
+        let from = sparse(&st.view, Some(current), self.size);
         let old: Vec<(String, Entry)> = st
             .view
             .entries
             .iter()
-            .filter(|(_, e)| e.generation < current)
+            .filter(|(_, e)| e.generation < current && from.contains(&e.generation))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
         if old.is_empty() {
