@@ -115,8 +115,6 @@ pub struct View {
     pub entries: BTreeMap<String, Entry>,
     /// Live objects per generation (every file scanned has an entry, possibly 0).
     live: BTreeMap<u64, usize>,
-    /// Where each scanned file's valid records end.
-    ends: BTreeMap<u64, u64>,
 }
 
 impl View {
@@ -263,7 +261,6 @@ fn scan_file(dir: &Path, generation: u64, view: &mut View) -> io::Result<bool> {
         }
         offset += HEADER as u64 + len;
     }
-    view.ends.insert(generation, offset);
     Ok(true)
 }
 
@@ -400,6 +397,14 @@ fn sparse(view: &View, current: Option<u64>, size: u64) -> std::collections::BTr
     bytes.into_iter().filter(|&(_, b)| b > 0 && b <= size / 4).map(|(g, _)| g).collect()
 }
 
+/// A flush of `generation` failed: nothing more is acknowledged from it or written to it.
+fn fail(st: &mut State, generation: u64) {
+    st.failed.insert(generation);
+    if st.current == Some(generation) {
+        st.current = None;
+    }
+}
+
 impl Journal {
     /// Open (creating `ROOT/.journal`) for writing: `None` when another process holds the
     /// journal (a second agent on one archive: it writes files). Objects that exist as files
@@ -495,7 +500,6 @@ impl Journal {
                 }
             }
             st.view.live.remove(&g);
-            st.view.ends.remove(&g);
             st.files.remove(&g);
             st.failed.remove(&g);
         }
@@ -598,10 +602,7 @@ impl Journal {
             }
             Err(e) => {
                 tracing::error!("flush of journal file {} failed: {e}", file_path(&self.dir, generation).display());
-                st.failed.insert(generation);
-                if st.current == Some(generation) {
-                    st.current = None;
-                }
+                fail(&mut st, generation);
                 // Forget what was not flushed: its puts fail and are retried into a new file.
                 let synced = st.files.get(&generation).map_or(0, |o| o.synced);
                 let lost: Vec<String> = st
@@ -703,10 +704,7 @@ impl Journal {
             }
             Err(e) => {
                 // The originals are still durable where they were.
-                st.failed.insert(current);
-                if st.current == Some(current) {
-                    st.current = None;
-                }
+                fail(&mut st, current);
                 for (k, e) in moved {
                     st.view.add(k, e);
                 }

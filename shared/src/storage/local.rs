@@ -64,6 +64,10 @@ fn modes_for(root_mode: u32) -> (u32, u32) {
 }
 
 impl LocalStore {
+    fn new(root: PathBuf, dir_mode: u32, file_mode: u32) -> Self {
+        LocalStore { root, dir_mode, file_mode, journal: None, journal_puts: false, journal_cache: Default::default() }
+    }
+
     /// Open (creating if needed, mode 0700) a repository directory.
     pub fn open(root: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -78,14 +82,7 @@ impl LocalStore {
         let mode = fs::metadata(&root).map_err(hint)?.permissions().mode();
         let (dir_mode, file_mode) = modes_for(mode);
         fs::DirBuilder::new().recursive(true).mode(dir_mode).create(root.join(TMP_DIR)).map_err(hint)?;
-        Ok(LocalStore {
-            root,
-            dir_mode,
-            file_mode,
-            journal: None,
-            journal_puts: false,
-            journal_cache: Default::default(),
-        })
+        Ok(LocalStore::new(root, dir_mode, file_mode))
     }
 
     /// Write WAL chunk objects (write-once, up to [`journal::MAX_DATA`] bytes; not segments,
@@ -220,14 +217,7 @@ impl LocalStore {
             ),
         };
         let (dir_mode, file_mode) = modes_for(mode);
-        Ok(LocalStore {
-            root,
-            dir_mode,
-            file_mode,
-            journal: None,
-            journal_puts: false,
-            journal_cache: Default::default(),
-        })
+        Ok(LocalStore::new(root, dir_mode, file_mode))
     }
 
     pub fn root(&self) -> &Path {
