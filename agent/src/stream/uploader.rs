@@ -8,7 +8,9 @@
 //! * Every other failure (store down, throttled, hanging past `upload_timeout`, a full disk) is
 //!   retried with backoff until it succeeds or the uploader is cancelled (shutdown past its
 //!   deadline): the replication slot holds the WAL meanwhile, and the metrics and logs say how
-//!   much is waiting.
+//!   much is waiting. One exception to the timeout: a chunk put into the local store's commit
+//!   journal (synchronous mode) runs on this thread, and holds it until its `fdatasync`
+//!   returns.
 //! * The archived watermark advances only over the contiguous run of durable chunks (by stream
 //!   sequence number), never past a chunk still in flight. It is what the agent reports to
 //!   PostgreSQL as flushed.

@@ -368,7 +368,9 @@ impl ObjectStore for LocalStore {
             // journaled put is one `pwrite` and one `fdatasync`, and the hop to a blocking
             // thread and back cost two wake-ups per group of commits on a busy host (perf and
             // strace of the agent at 16 synchronous clients). The caller's runtime waits for
-            // the flush meanwhile; what arrives in the socket then goes in the next group.
+            // the flush meanwhile (and, at a new journal file, for its compaction); what
+            // arrives in the socket then goes in the next group. A caller's timeout cannot
+            // interrupt it: a flush that hangs holds the caller until it returns.
             return put_blocking(self, key, &dest, &data, mode).map_err(map);
         }
         let store = self.clone();
