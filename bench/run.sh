@@ -19,7 +19,7 @@
 #      lag, CPU per GiB, peak RSS, stored size, load time / TPS
 #   2. commit-to-archive latency of walvault at chunk intervals 200ms, 1s, 5s
 #   3. base backup vs pg_basebackup and pgbackrest backup; restore vs pgbackrest restore; replay
-#      through wal-fetch vs pgbackrest archive-get vs WAL in pg_wal
+#      through wal-fetch (local archive and SeaweedFS) vs pgbackrest archive-get vs WAL in pg_wal
 #   4. incremental backups on PostgreSQL 17 vs full ones and vs pgbackrest --type=incr; restore
 #      of a chain vs a full restore and vs copying the chain out + pg_combinebackup
 #   5. synchronous mode: commit latency and TPS with walvault-agent --synchronous (local, S3) vs

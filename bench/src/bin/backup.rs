@@ -11,7 +11,9 @@
 //!    MiB/s of database (the files only; no server started);
 //! 4. replay of that WAL by PostgreSQL, from start to the end of recovery (promotion): through
 //!    `walvault-recover wal-fetch` with prefetch 4 and without, through `pgbackrest archive-get`
-//!    (async, process-max 2), and with the WAL already in pg_wal (the physical limit). Each
+//!    (async, process-max 2), and with the WAL already in pg_wal (the physical limit); and
+//!    through `wal-fetch` with prefetch 4 from SeaweedFS (S3 on 127.0.0.1), holding a copy of
+//!    the walvault archive made with `walvault-agent copy --once` before the replays. Each
 //!    replays from its own tool's newest backup, taken minutes apart with nothing but the other
 //!    backups between them, so the WAL replayed differs by a few mostly empty segments.
 //!
@@ -26,6 +28,7 @@ use clap::Parser;
 use walvault_bench::{bin, dir_size, measured, median, mmm, reap_orphans, KillOnDrop, Pgbackrest, Usage};
 use walvault_shared::lsn::Lsn;
 use walvault_tests::pg::{chown_to_pg, pg_command, pg_program, PgCluster, PgOptions};
+use walvault_tests::s3server::S3Server;
 
 #[derive(Parser)]
 struct Cli {
@@ -48,8 +51,8 @@ struct Results {
     backup: [Vec<(Usage, f64)>; 5],
     restore_wv: Vec<f64>,
     restore_pgbr: Vec<f64>,
-    /// prefetch, no prefetch, pgbackrest archive-get, pg_wal
-    replay: [Vec<f64>; 4],
+    /// prefetch, no prefetch, pgbackrest archive-get, pg_wal, prefetch from S3
+    replay: [Vec<f64>; 5],
 }
 
 const BACKUPS: [&str; 5] = [
@@ -84,12 +87,15 @@ async fn time_recovery(dir: PathBuf) -> Result<f64> {
 
 /// walvault restore --latest, then replay through wal-fetch (or with every segment copied into
 /// pg_wal first and no restore_command).
-async fn replay_walvault(archive: &str, prefetch: u32, local_wal: bool) -> Result<f64> {
+/// `s3_args`: the S3 options of an `s3://` archive (they go into the restore_command too; the
+/// server inherits the AWS_* credentials of this process).
+async fn replay_walvault(archive: &str, s3_args: &[&str], prefetch: u32, local_wal: bool) -> Result<f64> {
     let dir = PgCluster::fresh_dir("bench-replay")?;
     let data = dir.join("data");
     let out = Command::new(bin("walvault-recover")?)
         .args(["restore", "--archive", archive, "--pgdata", data.to_str().unwrap(), "--latest"])
         .args(["--owner", &PgCluster::pg_user_name(), "--prefetch", &prefetch.to_string()])
+        .args(s3_args)
         .output()?;
     if !out.status.success() {
         bail!("restore failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -280,15 +286,28 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
         res.restore_pgbr.push(u.wall_s);
         std::fs::remove_dir_all(&t)?;
     }
+    // The same archive in SeaweedFS, for replay through wal-fetch from S3.
+    let s3 = S3Server::start().await?;
+    walvault_tests::s3server::set_credentials_env();
+    let s3_archive = format!("s3://{}/bench", s3.new_bucket("replay").await?);
+    let s3_args = ["--s3-endpoint", s3.endpoint.as_str(), "--s3-force-path-style"];
+    let out = Command::new(&agent_bin)
+        .args(["copy", "--once", "--from", &archive, "--to", &s3_archive])
+        .args(["--to-s3-endpoint", &s3.endpoint, "--to-s3-force-path-style"])
+        .output()?;
+    if !out.status.success() {
+        bail!("copy to SeaweedFS: {}", String::from_utf8_lossy(&out.stderr));
+    }
     for i in 0..cli.runs {
         eprintln!("replays, run {}/{} …", i + 1, cli.runs);
-        res.replay[0].push(replay_walvault(&archive, 4, false).await?);
-        res.replay[1].push(replay_walvault(&archive, 0, false).await?);
+        res.replay[0].push(replay_walvault(&archive, &[], 4, false).await?);
+        res.replay[4].push(replay_walvault(&s3_archive, &s3_args, 4, false).await?);
+        res.replay[1].push(replay_walvault(&archive, &[], 0, false).await?);
         let t = pgbr_target()?;
         let pg1 = format!("--pg1-path={}", t.join("data").display());
         pgbr.run(&[&pg1, "--process-max=2", "restore"])?;
         res.replay[2].push(time_recovery(t).await?);
-        res.replay[3].push(replay_walvault(&archive, 0, true).await?);
+        res.replay[3].push(replay_walvault(&archive, &[], 0, true).await?);
         reap_orphans(&["pgbackrest", "postgres"]);
     }
     let _ = std::fs::remove_dir_all(&adir);
@@ -375,6 +394,7 @@ async fn main() -> Result<()> {
     let (local, pgbr) = (median(&r.replay[3]), median(&r.replay[2]));
     for (k, name) in [
         (0, "walvault-recover wal-fetch, prefetch 4"),
+        (4, "walvault-recover wal-fetch from SeaweedFS (S3), prefetch 4"),
         (1, "walvault-recover wal-fetch, no prefetch"),
         (2, "pgbackrest archive-get, async, process-max 2"),
         (3, "WAL already in pg_wal (no restore_command)"),
