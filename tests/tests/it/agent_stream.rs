@@ -170,6 +170,17 @@ async fn commit_is_archived_within_chunk_interval() {
     }
     // chunk_interval (1 s) plus slack for a loaded 2-core machine; the distribution is in bench/.
     assert!(worst < Duration::from_secs(4), "a commit took {worst:?} to be archived");
+    // A burst of commits, then silence: the last ones arrive while the agent's read waits out
+    // its coalescing window with the socket's low-water mark raised; lowering it before the
+    // read must wake the read for them (else they wait for the server's next keepalive).
+    for _ in 0..3 {
+        for _ in 0..200 {
+            pg.execute("INSERT INTO t DEFAULT VALUES").await.unwrap();
+        }
+        let lsn = flush_lsn(&pg).await;
+        let took = agent.wait_archived(lsn, Duration::from_secs(30)).await.unwrap();
+        assert!(took < Duration::from_secs(4), "the last commit of a burst took {took:?} to be archived");
+    }
     // Metrics and health while streaming.
     let (code, metrics) = agent.http_get("/metrics").await.unwrap();
     assert_eq!(code, 200);
