@@ -315,6 +315,14 @@ async fn main() -> Result<()> {
             )?;
         }
     }
+    if let (Some(a), Some(b)) = (get(Mode::PgReceivewalSync, 1), get(Mode::PgReceivewalSync, 16)) {
+        writeln!(
+            s,
+            "- {} (for scale: what this host allows the anchor): TPS at 16 clients / 1 client {:.1}×",
+            Mode::PgReceivewalSync.name(),
+            b.tps / a.tps
+        )?;
+    }
     print!("{s}");
     if let Some(p) = &cli.out {
         std::fs::write(p, &s)?;
