@@ -136,6 +136,7 @@ elapsed=$(( $(date +%s) - t0 ))
   else
     echo "- every cell is the median (min–max) of the runs; ratios are ratios of medians, all from this one invocation. This is a shared 2-core VM: absolute figures move between invocations, compare within one file."
   fi
+  echo "- every timed step (a load, a backup, a restore, a replay, an export) starts after sync(2), so none is charged for the writeback of the step before it."
   if [ ${#kept[@]} -gt 0 ]; then
     echo "- parts kept from an earlier invocation with the same arguments (WALVAULT_BENCH_OUT): ${kept[*]}; each part's own date line says when it ran, and its ratios are within that part."
   fi

@@ -352,6 +352,7 @@ fn tps_of(out: &str) -> f64 {
 
 /// Run `args` (pgbench) while sampling the archive lag; wait for the archiver to catch up.
 async fn phase(pg: &PgCluster, r: &Running, args: Vec<String>) -> Result<Phase> {
+    walvault_bench::settle();
     let client = pg.connect().await?;
     let start: Lsn = pg.query_one_text("SELECT pg_current_wal_flush_lsn()").await?.parse()?;
     let (cpu0, _) = r.usage()?;

@@ -68,6 +68,7 @@ async fn time_recovery(dir: PathBuf) -> Result<f64> {
     let data = dir.join("data");
     // The source's archive_command (pgBackRest) must not run on the restored server.
     let pg = PgCluster::from_data_dir("bench-replay", dir, data, vec!["archive_mode = off".into()])?;
+    walvault_bench::settle();
     let t0 = Instant::now();
     pg.start()?;
     loop {
@@ -269,6 +270,7 @@ async fn run(cli: &Cli) -> Result<(Results, f64, f64, String)> {
     for i in 0..cli.runs {
         eprintln!("restores, run {}/{} …", i + 1, cli.runs);
         let rdir = PgCluster::fresh_dir("bench-restore")?;
+        walvault_bench::settle();
         let t0 = Instant::now();
         let out = Command::new(bin("walvault-recover")?)
             .args(["restore", "--archive", &archive, "--pgdata", rdir.join("data").to_str().unwrap(), "--latest"])

@@ -52,6 +52,7 @@ fn pg_dump_table(pg: &PgCluster, out: &Path, what: &str) -> Result<()> {
 
 fn walvault_dump(archive: &str, target: &str, out: &Path) -> Result<f64> {
     let scratch = PgCluster::fresh_dir("bench-dump-scratch")?;
+    walvault_bench::settle();
     let t0 = Instant::now();
     let mut c = Command::new(bin("walvault-recover")?);
     c.args(["dump", "--archive", archive, "--target-time", target, "--table", "pgbench_branches"])
@@ -74,6 +75,7 @@ fn walvault_dump(archive: &str, target: &str, out: &Path) -> Result<f64> {
 async fn manual_path(archive: &str, target: &str, out: &Path) -> Result<f64> {
     let dir = PgCluster::fresh_dir("bench-dump-manual")?;
     let data = dir.join("data");
+    walvault_bench::settle();
     let t0 = Instant::now();
     let mut c = Command::new(bin("walvault-recover")?);
     c.args(["restore", "--archive", archive, "--target-time", target, "--target-action", "pause"]).args([

@@ -124,6 +124,7 @@ struct Results {
 
 async fn time_restore(archive: &str, id: &str) -> Result<f64> {
     let dir = PgCluster::fresh_dir("bench-incr-restore")?;
+    walvault_bench::settle();
     let t0 = Instant::now();
     let out = Command::new(bin("walvault-recover")?)
         .args(["restore", "--archive", archive, "--backup", id, "--latest"])
@@ -144,6 +145,7 @@ async fn time_restore(archive: &str, id: &str) -> Result<f64> {
 /// The anchors' way: every backup of the chain to local disk, then pg_combinebackup.
 fn time_export_and_combine(archive: &str, ids: &[String]) -> Result<f64> {
     let dir = PgCluster::fresh_dir("bench-incr-combine")?;
+    walvault_bench::settle();
     let t0 = Instant::now();
     let mut dirs = Vec::new();
     for id in ids {
