@@ -5,7 +5,10 @@
 //! then `pgbench -c 2 -n` at full speed for `--minutes`. Each agent's resident set (`VmRSS`
 //! from /proc) is sampled every second. Reported per agent: the highest RSS in the minute
 //! ending at `--early` minutes, the highest in the last minute of the run, their ratio (the
-//! growth; issue #16's goal is ≤ 1.05× for 1 h against 5 min), and the peak (`VmHWM`).
+//! growth; issue #16's goal is ≤ 1.05× for 1 h against 5 min), and the peak (`VmHWM`). Also
+//! the same ratio over windows of `--early` minutes (the first against the last), and the
+//! highest RSS of each such window over the run: a single minute swings with the checkpoint
+//! cycle, a window of five holds a whole one.
 //!
 //! `bench/run.sh --soak` runs it for 60 minutes; it is not part of the default run.
 
@@ -161,6 +164,39 @@ async fn main() -> Result<()> {
             "- {name}: RSS at {} min / at {} min **{g:.2}×** (goal ≤ 1.05× for 60 against 5 minutes)",
             cli.minutes, cli.early
         )?;
+    }
+    // The same question over windows of `early` minutes: a minute holds only a few segments'
+    // worth of OLTP WAL, and the RSS moves with the checkpoint cycle (full-page writes), so one
+    // minute against another swings by a fifth either way without any trend.
+    let span = cli.early * 60;
+    let range_max = |a: &AgentRun, from: f64, to: f64| {
+        a.samples.iter().filter(|(t, _)| *t > from && *t <= to).map(|s| s.1).max().unwrap_or(0)
+    };
+    for a in &agents {
+        let first = range_max(a, 0.0, span as f64);
+        let last = range_max(a, (seconds - span) as f64, seconds as f64);
+        writeln!(
+            s,
+            "- {}: highest RSS in the last {} minutes / in the first {}: {:.1} / {:.1} MiB = **{:.2}×**",
+            a.name,
+            cli.early,
+            cli.early,
+            last as f64 / 1024.0,
+            first as f64 / 1024.0,
+            last as f64 / first.max(1) as f64
+        )?;
+    }
+    writeln!(s, "\nHighest RSS (MiB) in each {}-minute window:\n", cli.early)?;
+    let names: Vec<&str> = agents.iter().map(|a| a.name).collect();
+    writeln!(s, "| minutes | {} |", names.join(" | "))?;
+    writeln!(s, "|---|{}", "---:|".repeat(names.len()))?;
+    let mut from = 0;
+    while from < seconds {
+        let to = (from + span).min(seconds);
+        let cells: Vec<String> =
+            agents.iter().map(|a| format!("{:.1}", range_max(a, from as f64, to as f64) as f64 / 1024.0)).collect();
+        writeln!(s, "| {}–{} | {} |", from / 60, to / 60, cells.join(" | "))?;
+        from = to;
     }
     for mut a in agents {
         // SAFETY: kill(2) on our own child, not yet reaped; SIGTERM is a clean stop.
